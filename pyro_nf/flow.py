@@ -1,0 +1,211 @@
+"""The flow distribution: a standard Normal pushed through K flow layers and an affine base layer.
+
+.. math::
+    z = \\mu + \\sigma \\odot f_K \\circ \\dots \\circ f_1(\\varepsilon), \\quad
+    \\varepsilon \\sim \\mathcal N(0, I_D), \\qquad
+    \\log q(z) = \\log \\mathcal N(\\varepsilon; 0, I) - \\sum_k \\log|\\det J_{f_k}| - \\sum_i \\log\\sigma_i.
+
+The flow layers act on the standardized variable and the affine layer (location ``init_loc``,
+scale ``init_scale``) comes last, so the layers see a well-scaled input whatever the scale of the
+posterior. Every layer starts at the identity: an untrained flow is exactly
+:math:`\\mathcal N(\\mu, \\operatorname{diag}\\sigma^2)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from pyro.distributions import TorchDistribution
+from torch import Tensor, nn
+from torch.distributions import constraints
+
+from .transforms import Affine, AffineAutoregressive, Planar, Radial
+from .transforms.base import FlowModule, FlowTransform, _check_dim, check_context
+
+__all__ = ["Flow", "FlowDistribution", "TRANSFORMS"]
+
+_HALF_LOG_2PI = 0.9189385332046727
+
+
+class FlowDistribution(TorchDistribution):
+    """A reparameterized distribution :math:`z = T(\\varepsilon)`, :math:`\\varepsilon \\sim \\mathcal N(0, I)`.
+
+    ``rsample`` computes :math:`z` and :math:`\\log q(z)` in one pass; the distribution object
+    remembers the log-density of the last sample it drew, so Pyro's ``log_prob(value)`` on that very
+    tensor costs nothing more. Any other value is scored exactly through the inverse of every layer.
+
+    Args:
+        transforms: stateless :class:`~pyro_nf.transforms.FlowTransform` s, applied in order.
+        dim: event size :math:`D`.
+        batch_shape: batch shape; the transforms' parameters must broadcast to it.
+        dtype, device: of the base noise.
+    """
+
+    arg_constraints: dict = {}
+    support = constraints.real_vector
+    has_rsample = True
+
+    def __init__(
+        self,
+        transforms: Sequence[FlowTransform],
+        dim: int,
+        batch_shape: torch.Size | tuple = (),
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        validate_args: bool | None = None,
+    ) -> None:
+        self.transforms = list(transforms)
+        self.dim = dim
+        self._dtype = dtype
+        self._device = torch.device(device) if device is not None else torch.device("cpu")
+        self._memo: tuple[Tensor, int, Tensor] | None = None
+        super().__init__(torch.Size(batch_shape), torch.Size((dim,)), validate_args=validate_args)
+
+    def expand(self, batch_shape, _instance=None) -> FlowDistribution:
+        batch_shape = torch.Size(batch_shape)
+        try:
+            ok = torch.broadcast_shapes(batch_shape, self.batch_shape) == batch_shape
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(
+                f"cannot expand batch_shape {tuple(self.batch_shape)} to {tuple(batch_shape)}"
+            )
+        return FlowDistribution(
+            self.transforms, self.dim, batch_shape, dtype=self._dtype, device=self._device,
+            validate_args=self._validate_args,
+        )  # fmt: skip
+
+    def _base_log_prob(self, eps: Tensor) -> Tensor:
+        return -0.5 * (eps * eps).sum(-1) - self.dim * _HALF_LOG_2PI
+
+    def rsample_and_log_prob(self, sample_shape: torch.Size | tuple = ()) -> tuple[Tensor, Tensor]:
+        """Draw :math:`z` and return it with :math:`\\log q(z)`, in one pass through the layers."""
+        shape = self._extended_shape(torch.Size(sample_shape))
+        eps = torch.randn(shape, dtype=self._dtype, device=self._device)
+        z, log_q = eps, self._base_log_prob(eps)
+        for t in self.transforms:
+            z, ladj = t.call_and_ladj(z)
+            log_q = log_q - ladj
+        return z, log_q.expand(shape[:-1])
+
+    def rsample(self, sample_shape: torch.Size | tuple = ()) -> Tensor:
+        z, log_q = self.rsample_and_log_prob(sample_shape)
+        self._memo = (z, z._version, log_q)
+        return z
+
+    def sample(self, sample_shape: torch.Size | tuple = ()) -> Tensor:
+        with torch.no_grad():
+            return self.rsample_and_log_prob(sample_shape)[0]
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        memo = self._memo
+        if memo is not None and value is memo[0] and value._version == memo[1]:
+            return memo[2]
+        if self._validate_args:
+            self._validate_sample(value)
+        x, ladj_sum = value, 0.0
+        for t in reversed(self.transforms):
+            x, ladj = t.inverse_and_ladj(x)
+            ladj_sum = ladj_sum + ladj
+        log_q = self._base_log_prob(x) - ladj_sum
+        return log_q.expand(torch.broadcast_shapes(value.shape[:-1], self.batch_shape))
+
+
+_LAYERS = {"planar": Planar, "radial": Radial, "iaf": AffineAutoregressive}
+#: the transform names accepted by :class:`Flow`
+TRANSFORMS = tuple(_LAYERS)
+
+
+class Flow(nn.Module):
+    """A normalizing-flow distribution over :math:`\\mathbb{R}^D`, optionally conditioned on a context.
+
+    ``flow()`` (or ``flow(h)`` with ``context_dim > 0``) returns a :class:`FlowDistribution` with
+    ``event_shape (dim,)`` and ``batch_shape h.shape[:-1]``: base :math:`\\mathcal N(0, I)`, then
+    ``num_transforms`` layers of one family, then a learnable elementwise affine layer. With a
+    context, the affine layer's location and scale and every layer's parameters are produced from
+    ``h`` per datapoint (amortized inference), as in Rezende & Mohamed (2015) and Kingma et al.
+    (2016).
+
+    Args:
+        dim: event size :math:`D`.
+        transform: ``"planar"``, ``"radial"`` or ``"iaf"`` (affine autoregressive, MADE).
+        num_transforms: number of flow layers :math:`K` (0 gives a diagonal Normal).
+        context_dim: size of the context; 0 for an unconditional flow.
+        init_loc, init_scale: the affine layer's start; the untrained flow is exactly
+            :math:`\\mathcal N(\\text{init\\_loc}, \\text{init\\_scale}^2)`.
+        hidden_dims: MADE hidden sizes (``"iaf"`` only).
+        **layer_kwargs: passed to every layer (e.g. ``log_scale_min`` for IAF, ``inverse_tol`` for
+            planar).
+
+    Example:
+        >>> import torch
+        >>> flow = Flow(2, "planar", num_transforms=4)
+        >>> d = flow()
+        >>> z = d.rsample((100,))
+        >>> d.log_prob(z).shape, d.log_prob(torch.zeros(2)).shape
+        (torch.Size([100]), torch.Size([]))
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        transform: str = "planar",
+        num_transforms: int = 4,
+        context_dim: int = 0,
+        *,
+        init_loc: Tensor | float = 0.0,
+        init_scale: Tensor | float = 1.0,
+        hidden_dims: Sequence[int] | None = None,
+        **layer_kwargs,
+    ) -> None:
+        super().__init__()
+        self.dim = _check_dim(dim)
+        if transform not in _LAYERS:
+            raise ValueError(f"transform must be one of {TRANSFORMS}, got {transform!r}")
+        if (
+            isinstance(num_transforms, bool)
+            or not isinstance(num_transforms, int)
+            or num_transforms < 0
+        ):
+            raise ValueError(
+                f"num_transforms must be a non-negative integer, got {num_transforms!r}"
+            )
+        if hidden_dims is not None and transform != "iaf":
+            raise ValueError("hidden_dims applies to transform='iaf' only")
+        self.transform = transform
+        self.context_dim = context_dim
+        layers: list[FlowModule] = []
+        for k in range(num_transforms):
+            if transform == "iaf":
+                order = torch.arange(dim).flip(0) if k % 2 else torch.arange(dim)
+                layer = AffineAutoregressive(
+                    dim, context_dim, hidden_dims=hidden_dims, order=order, **layer_kwargs
+                )
+            else:
+                layer = _LAYERS[transform](dim, context_dim, **layer_kwargs)
+            layers.append(layer)
+        self.layers = nn.ModuleList(layers)
+        self.affine = Affine(dim, context_dim, init_loc=init_loc, init_scale=init_scale)
+
+    def transforms(self, context: Tensor | None = None) -> list[FlowTransform]:
+        """The stateless transforms, in the order they act on the base noise."""
+        return [layer.condition(context) for layer in self.layers] + [
+            self.affine.condition(context)
+        ]
+
+    def forward(self, context: Tensor | None = None) -> FlowDistribution:
+        check_context(context, self.context_dim, "Flow")
+        batch_shape = context.shape[:-1] if context is not None else torch.Size()
+        p = self.affine.head.weight if self.context_dim else self.affine.raw
+        return FlowDistribution(
+            self.transforms(context), self.dim, batch_shape, dtype=p.dtype, device=p.device
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, transform={self.transform!r}, num_transforms={len(self.layers)}, "
+            f"context_dim={self.context_dim}"
+        )

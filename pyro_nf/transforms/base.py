@@ -1,0 +1,181 @@
+"""Shared machinery of the flow layers.
+
+Every flow family comes in two pieces:
+
+* a *stateless* :class:`FlowTransform` whose parameters are plain tensors (they may carry batch
+  dimensions, one set per datapoint, which broadcast against the input), and
+* a parameter-owning :class:`FlowModule` that builds that transform on each call, from free
+  parameters or, when ``context_dim > 0``, from a context vector through a small linear head.
+
+The transform computes :math:`y = f(x)` and :math:`\\log|\\det J_f(x)|` in one pass
+(:meth:`FlowTransform.call_and_ladj`) and inverts exactly (:meth:`FlowTransform.inverse_and_ladj`),
+so no cache is ever needed to score a value.
+"""
+
+from __future__ import annotations
+
+import torch
+from pyro.distributions.torch_transform import TransformModule
+from torch import Tensor, nn
+from torch.distributions import Transform, constraints
+
+__all__ = ["FlowTransform", "FlowModule", "inverse_softplus"]
+
+
+def inverse_softplus(y: Tensor | float) -> Tensor:
+    """Inverse of :func:`torch.nn.functional.softplus`, :math:`x = y + \\log(-\\operatorname{expm1}(-y))`."""
+    y = torch.as_tensor(y, dtype=torch.get_default_dtype() if not torch.is_tensor(y) else None)
+    return y + torch.log(-torch.expm1(-y))
+
+
+class FlowTransform(Transform):
+    """A stateless bijection of :math:`\\mathbb{R}^D` with a log-det computed alongside the map.
+
+    Subclasses implement :meth:`call_and_ladj` and :meth:`_inverse`; they may override
+    :meth:`inverse_and_ladj` when the inverse yields the log-det for free. No result is cached:
+    ``log_abs_det_jacobian(x, y)`` recomputes from ``x``, and the inverse works on any value.
+    """
+
+    domain = constraints.real_vector
+    codomain = constraints.real_vector
+    bijective = True
+    sign = 1
+
+    def __init__(self) -> None:
+        super().__init__(cache_size=0)
+
+    def call_and_ladj(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Return ``(f(x), log|det df/dx|)``; the log-det has shape ``x.shape[:-1]`` (broadcast)."""
+        raise NotImplementedError
+
+    def inverse_and_ladj(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Return ``(x, log|det df/dx|(x))`` for ``x = f^{-1}(y)`` (the *forward* log-det at ``x``)."""
+        x = self._inverse(y)
+        return x, self.call_and_ladj(x)[1]
+
+    def _call(self, x: Tensor) -> Tensor:
+        return self.call_and_ladj(x)[0]
+
+    def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
+        return self.call_and_ladj(x)[1]
+
+    def with_cache(self, cache_size: int = 1) -> Transform:
+        # Stateless by design: a cache would only hide the exact inverse.
+        return self
+
+
+def _check_dim(dim: int, name: str = "dim") -> int:
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        raise ValueError(f"{name} must be a positive integer, got {dim!r}")
+    return dim
+
+
+class FlowModule(TransformModule):
+    """Base class of the parameter-owning flow layers.
+
+    A subclass declares how many raw parameters one layer needs (:meth:`_raw_init`) and how to turn
+    them into a :class:`FlowTransform` (:meth:`_build`). With ``context_dim == 0`` the raw parameters
+    are free ``nn.Parameter`` s and the module itself acts as that transform (so it can be used
+    directly in :class:`pyro.distributions.TransformedDistribution`). With ``context_dim > 0`` a
+    linear head maps a context of shape ``(..., context_dim)`` to one set of parameters per
+    datapoint; call :meth:`condition` to get the transform. The head's weight starts at zero and its
+    bias at the free initial value, so a conditioned layer starts at the same map for every context.
+    """
+
+    domain = constraints.real_vector
+    codomain = constraints.real_vector
+    bijective = True
+    sign = 1
+
+    def __init__(self, dim: int, context_dim: int = 0) -> None:
+        super().__init__(cache_size=0)
+        self.dim = _check_dim(dim)
+        if isinstance(context_dim, bool) or not isinstance(context_dim, int) or context_dim < 0:
+            raise ValueError(f"context_dim must be a non-negative integer, got {context_dim!r}")
+        self.context_dim = context_dim
+
+    # -- to be provided by subclasses -------------------------------------------------------
+    def _build(self, raw: Tensor) -> FlowTransform:
+        raise NotImplementedError
+
+    # -- helpers for the common "raw vector or linear head" layout -------------------------
+    def _init_params(self, raw_init: Tensor) -> None:
+        if self.context_dim == 0:
+            self.raw = nn.Parameter(raw_init)
+        else:
+            self.head = nn.Linear(self.context_dim, raw_init.numel())
+            with torch.no_grad():
+                self.head.weight.zero_()
+                self.head.bias.copy_(raw_init)
+
+    def _raw(self, context: Tensor | None) -> Tensor:
+        if self.context_dim == 0:
+            return self.raw
+        return self.head(context)
+
+    # -- public API -------------------------------------------------------------------------
+    def condition(self, context: Tensor | None = None) -> FlowTransform:
+        """The stateless transform of this layer, for ``context`` when the layer takes one.
+
+        Args:
+            context: tensor of shape ``(..., context_dim)``; must be ``None`` when
+                ``context_dim == 0``. The leading dimensions become batch dimensions of the
+                layer's parameters and broadcast against the input.
+        """
+        check_context(context, self.context_dim, type(self).__name__)
+        if context is not None:
+            dtype = next(self.parameters()).dtype
+            if context.dtype != dtype:
+                raise TypeError(
+                    f"{type(self).__name__}: context has dtype {context.dtype} but the layer's "
+                    f"parameters are {dtype}; cast one to the other"
+                )
+        return self._transform(context)
+
+    def _transform(self, context: Tensor | None) -> FlowTransform:
+        return self._build(self._raw(context))
+
+    def call_and_ladj(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.condition().call_and_ladj(x)
+
+    def inverse_and_ladj(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        return self.condition().inverse_and_ladj(y)
+
+    def _call(self, x: Tensor) -> Tensor:
+        return self.condition().call_and_ladj(x)[0]
+
+    def _inverse(self, y: Tensor) -> Tensor:
+        return self.condition().inverse_and_ladj(y)[0]
+
+    def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
+        return self.condition().call_and_ladj(x)[1]
+
+    def with_cache(self, cache_size: int = 1) -> Transform:
+        return self
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, context_dim={self.context_dim}"
+
+
+def check_context(context: Tensor | None, context_dim: int, owner: str) -> None:
+    """Raise a ``ValueError`` that says what is wrong when ``context`` does not fit ``context_dim``."""
+    if context_dim == 0:
+        if context is not None:
+            raise ValueError(
+                f"{owner} was built with context_dim=0 and takes no context; "
+                "build it with context_dim=H to condition on a context of size H"
+            )
+        return
+    if context is None:
+        raise ValueError(
+            f"{owner} was built with context_dim={context_dim} and needs a context: "
+            f"call it with a tensor of shape (..., {context_dim})"
+        )
+    if not torch.is_tensor(context):
+        raise TypeError(f"{owner}: context must be a torch.Tensor, got {type(context).__name__}")
+    if context.dim() == 0 or context.shape[-1] != context_dim:
+        raise ValueError(
+            f"{owner} expects a context of shape (..., {context_dim}), got {tuple(context.shape)}"
+        )
+    if not context.is_floating_point():
+        raise TypeError(f"{owner}: context must be a floating-point tensor, got {context.dtype}")
