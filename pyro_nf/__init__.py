@@ -1,11 +1,21 @@
 """pyro_nf: normalizing-flow variational posteriors for Pyro.
 
 Flow layers with exact inverses (:mod:`pyro_nf.transforms`), a flow distribution that can be
-conditioned on a context (:class:`Flow`), and autoguides (:class:`AutoPlanarFlow`,
-:class:`AutoRadialFlow`, :class:`AutoIAFFlow`) that start where ``AutoNormal`` starts.
+conditioned on a context (:class:`Flow`), autoguides (:class:`AutoPlanarFlow`,
+:class:`AutoRadialFlow`, :class:`AutoIAFFlow`) that start where ``AutoNormal`` starts, and the
+workflow around a fit: :func:`fit`, :func:`diagnose`, :func:`log_marginal_likelihood`,
+:func:`to_inference_data` and the plots in :mod:`pyro_nf.plots`.
 """
 
-from . import transforms
+from . import plots, transforms
+from .arviz_export import to_inference_data
+from .diagnostics import (
+    Diagnostics,
+    LogMarginalLikelihood,
+    diagnose,
+    log_marginal_likelihood,
+    psis_verdict,
+)
 from .flow import Flow, FlowDistribution
 from .guides import (
     AutoFlow,
@@ -14,6 +24,8 @@ from .guides import (
     AutoRadialFlow,
     init_to_median_or_feasible,
 )
+from .plots import plot_losses, plot_posterior
+from .workflow import CheckpointError, FitError, FitResult, fit
 
 __version__ = "0.1.0"
 
@@ -22,9 +34,22 @@ __all__ = [
     "AutoIAFFlow",
     "AutoPlanarFlow",
     "AutoRadialFlow",
+    "CheckpointError",
+    "Diagnostics",
+    "FitError",
+    "FitResult",
     "Flow",
     "FlowDistribution",
+    "LogMarginalLikelihood",
     "__version__",
+    "diagnose",
+    "fit",
     "init_to_median_or_feasible",
+    "log_marginal_likelihood",
+    "plot_losses",
+    "plot_posterior",
+    "plots",
+    "psis_verdict",
+    "to_inference_data",
     "transforms",
 ]

@@ -1,0 +1,408 @@
+"""``pyro_nf.fit``: SVI with a progress bar, a stopping rule, and no lost or corrupted work.
+
+What :func:`fit` adds to a hand-written ``svi.step`` loop:
+
+* **Non-finite steps never touch the parameters.** The loss and every gradient are checked before
+  the optimizer step; a step with a NaN/inf is skipped, so the parameters stay at the last finite
+  state. After ``max_bad_steps`` consecutive bad steps the fit stops with a :class:`FitError` that
+  names the step and the likely cause.
+* **Stopping rule** (optional, ``stop_window``): the losses are averaged over consecutive,
+  non-overlapping windows of ``stop_window`` steps; the fit stops at the end of the first window
+  whose mean is not lower than the previous window's mean by more than
+  ``stop_tol * max(1, |mean|)`` (a relative improvement below ``stop_tol``).
+* **Checkpoints** every ``checkpoint_every`` steps, written atomically, that load with
+  ``torch.load(weights_only=True)`` (no code runs when a checkpoint is opened);
+  ``resume=True`` continues from one and reproduces the uninterrupted run's losses exactly (the
+  random-number states are part of the checkpoint).
+* **Ctrl-C** stops the fit cleanly: the result so far is returned (and checkpointed when a
+  checkpoint path is given), with ``result.stopped == "interrupted"``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+import warnings
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pickle import UnpicklingError
+
+import numpy as np
+import pyro
+import pyro.poutine as poutine
+import torch
+from pyro.infer import ELBO, Trace_ELBO
+
+__all__ = ["fit", "FitResult", "FitError", "CheckpointError"]
+
+_CHECKPOINT_FORMAT = "pyro_nf.fit/1"
+
+
+class FitError(RuntimeError):
+    """Raised when a fit cannot go on (too many consecutive non-finite steps)."""
+
+
+class CheckpointError(RuntimeError):
+    """Raised when a checkpoint file cannot be read or does not belong to this fit."""
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` returns.
+
+    Attributes:
+        losses: the loss (negative ELBO estimate) of every step taken, NaN for skipped steps.
+        num_steps: steps taken (including resumed ones).
+        stopped: ``"num_steps"``, ``"converged"`` (stopping rule) or ``"interrupted"`` (Ctrl-C).
+        skipped_steps: indices of steps skipped because of a non-finite loss or gradient.
+        seconds: wall time of this call (not of earlier resumed parts).
+        seconds_per_step: ``seconds`` divided by the steps taken in this call.
+        guide: the fitted guide.
+    """
+
+    losses: np.ndarray
+    num_steps: int
+    stopped: str
+    skipped_steps: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+    seconds_per_step: float = float("nan")
+    guide: Callable | None = None
+
+    @property
+    def final_loss(self) -> float:
+        """Mean loss over the last 10% of steps (at least 1), ignoring skipped steps."""
+        finite = self.losses[np.isfinite(self.losses)]
+        if finite.size == 0:
+            return float("nan")
+        return float(finite[-max(1, finite.size // 10) :].mean())
+
+    def plot(self, ax=None, **kwargs):
+        """Plot the loss trace and its running mean (see :func:`pyro_nf.plots.plot_losses`)."""
+        from .plots import plot_losses
+
+        return plot_losses(self.losses, ax=ax, **kwargs)
+
+    def __repr__(self) -> str:
+        return (
+            f"FitResult(num_steps={self.num_steps}, stopped={self.stopped!r}, "
+            f"final_loss={self.final_loss:.4g}, skipped={len(self.skipped_steps)}, "
+            f"seconds={self.seconds:.1f})"
+        )
+
+
+def _lr_factor(schedule, num_steps: int) -> Callable[[int], float]:
+    if schedule is None:
+        return lambda step: 1.0
+    if callable(schedule):
+        return schedule
+    if schedule == "exponential":  # decays to 1% of lr at the last step
+        return lambda step: 0.01 ** (step / max(num_steps - 1, 1))
+    if schedule == "cosine":
+        return lambda step: 0.5 * (1.0 + math.cos(math.pi * step / max(num_steps - 1, 1)))
+    raise ValueError(
+        f"lr_schedule must be None, 'exponential', 'cosine' or a callable step -> factor, got {schedule!r}"
+    )
+
+
+def _rng_state() -> dict:
+    # numpy's legacy global generator is what pyro.set_rng_seed seeds, so it is saved too.
+    _, keys, pos, has_gauss, cached = np.random.get_state()  # noqa: NPY002
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": [torch.as_tensor(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_as_tuple(state["python"]))
+    keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached))  # noqa: NPY002
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(x):
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def _load_checkpoint(path: str) -> dict:
+    try:
+        ckpt = torch.load(path, weights_only=True, map_location="cpu")
+    except FileNotFoundError:
+        raise
+    except (RuntimeError, UnpicklingError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        raise CheckpointError(
+            f"{path!r} is not a readable pyro_nf checkpoint (truncated, corrupted or a foreign "
+            f"file): {type(e).__name__}: {e}"
+        ) from e
+    if not isinstance(ckpt, dict) or ckpt.get("format") != _CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{path!r} is not a pyro_nf.fit checkpoint (no '{_CHECKPOINT_FORMAT}' marker)"
+        )
+    return ckpt
+
+
+def _save_checkpoint(path: str, ckpt: dict) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)  # atomic: a crash mid-write never leaves a truncated checkpoint
+
+
+def _likely_cause(loss: float, bad_grads: list[str]) -> str:
+    if not math.isfinite(loss):
+        return (
+            f"the loss itself is {loss}: the model or guide produced a non-finite log-density "
+            "(NaN data, a log of zero, a scale that reached zero, or an overflow). Check the data, "
+            "lower lr, or use a smaller init_scale"
+        )
+    return (
+        "the loss is finite but gradients of " + ", ".join(bad_grads[:5]) + " are not: a "
+        "non-differentiable point (e.g. sqrt or norm at 0) or an overflow in the backward pass"
+    )
+
+
+def fit(
+    model: Callable,
+    guide: Callable,
+    *args,
+    num_steps: int = 1000,
+    lr: float = 0.01,
+    num_particles: int = 1,
+    vectorize_particles: bool = True,
+    loss: ELBO | None = None,
+    optimizer: type[torch.optim.Optimizer] = torch.optim.Adam,
+    optimizer_kwargs: dict | None = None,
+    lr_schedule: str | Callable[[int], float] | None = None,
+    clip_norm: float | None = None,
+    stop_window: int | None = None,
+    stop_tol: float = 1e-3,
+    max_bad_steps: int = 20,
+    seed: int | None = None,
+    progress: bool = True,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 500,
+    resume: bool = False,
+    **kwargs,
+) -> FitResult:
+    """Fit ``guide`` to ``model`` by stochastic variational inference.
+
+    Args:
+        model, guide: Pyro model and guide; ``*args, **kwargs`` are passed to both.
+        num_steps: total number of steps (a resumed fit counts the steps already taken).
+        lr: learning rate.
+        num_particles: Monte Carlo particles per step (vectorized when ``vectorize_particles``).
+        loss: an ELBO instance to use instead of ``Trace_ELBO(num_particles, ...)``.
+        optimizer, optimizer_kwargs: a ``torch.optim`` optimizer class and extra arguments.
+        lr_schedule: ``None``, ``"exponential"`` (to 1% of ``lr`` at the last step), ``"cosine"``,
+            or a callable ``step -> factor`` multiplying ``lr``.
+        clip_norm: clip the global gradient norm to this value.
+        stop_window, stop_tol: the stopping rule (module docs); off when ``stop_window`` is None.
+        max_bad_steps: consecutive non-finite steps tolerated before :class:`FitError`.
+        seed: seeds Pyro's random number generators (``pyro.set_rng_seed``) before the fit.
+        progress: show a progress bar (tqdm) with the loss and its running mean.
+        checkpoint: file to save checkpoints to (and resume from when ``resume=True``).
+        checkpoint_every: steps between checkpoints; the last step is always saved.
+        resume: continue from ``checkpoint``; the guide must be built the same way.
+
+    Returns:
+        :class:`FitResult` with one loss per step.
+
+    Example:
+        >>> import pyro, pyro.distributions as dist, torch, pyro_nf
+        >>> def model(y):
+        ...     mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+        ...     with pyro.plate("n", len(y)):
+        ...         pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+        >>> guide = pyro_nf.AutoPlanarFlow(model, num_transforms=2)
+        >>> result = pyro_nf.fit(model, guide, torch.ones(5), num_steps=50, progress=False, seed=0)
+        >>> len(result.losses), result.stopped
+        (50, 'num_steps')
+    """
+    _check_positive_int(num_steps, "num_steps")
+    _check_positive_int(num_particles, "num_particles")
+    _check_positive_int(max_bad_steps, "max_bad_steps")
+    _check_positive_int(checkpoint_every, "checkpoint_every")
+    if stop_window is not None:
+        _check_positive_int(stop_window, "stop_window")
+    if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    if resume and checkpoint is None:
+        raise ValueError("resume=True needs checkpoint=PATH")
+    lr_factor = _lr_factor(lr_schedule, num_steps)
+    if loss is None:
+        loss = Trace_ELBO(
+            num_particles=num_particles,
+            vectorize_particles=vectorize_particles and num_particles > 1,
+        )
+
+    if seed is not None:
+        pyro.set_rng_seed(seed)
+
+    # Create every parameter once, so the optimizer knows them.
+    with poutine.trace(param_only=True) as param_capture:
+        loss.differentiable_loss(model, guide, *args, **kwargs)
+    names = [name for name in param_capture.trace.nodes]
+    if not names:
+        raise ValueError("the model and guide have no parameters to fit")
+    store = pyro.get_param_store()
+    params = [store[name].unconstrained() for name in names]
+    opt = optimizer(params, lr=lr, **(optimizer_kwargs or {}))
+    base_lrs = [group["lr"] for group in opt.param_groups]
+
+    losses: list[float] = []
+    skipped: list[int] = []
+    start_step = 0
+    if resume:
+        if not os.path.exists(checkpoint):
+            raise FileNotFoundError(
+                f"resume=True but there is no checkpoint at {os.fspath(checkpoint)!r}"
+            )
+        ckpt = _load_checkpoint(checkpoint)
+        missing = set(names) ^ set(ckpt["params"])
+        if missing:
+            raise CheckpointError(
+                f"checkpoint {os.fspath(checkpoint)!r} does not match this model and guide; "
+                f"parameters present in only one of them: {sorted(missing)[:5]}"
+            )
+        with torch.no_grad():
+            for name, p in zip(names, params):
+                saved = ckpt["params"][name]
+                if saved.shape != p.shape:
+                    raise CheckpointError(
+                        f"parameter {name!r} has shape {tuple(saved.shape)} in the checkpoint, {tuple(p.shape)} here"
+                    )
+                p.copy_(saved.to(p.device, p.dtype))
+        opt.load_state_dict(ckpt["optimizer"])
+        losses = ckpt["losses"].tolist()
+        skipped = list(ckpt["skipped"])
+        start_step = int(ckpt["step"])
+        _set_rng_state(ckpt["rng"])
+
+    def save(step: int) -> None:
+        if checkpoint is None:
+            return
+        _save_checkpoint(
+            os.fspath(checkpoint),
+            {
+                "format": _CHECKPOINT_FORMAT,
+                "step": step,
+                "params": {n: p.detach().cpu() for n, p in zip(names, params)},
+                "optimizer": opt.state_dict(),
+                "losses": torch.tensor(losses, dtype=torch.float64),
+                "skipped": list(skipped),
+                "rng": _rng_state(),
+            },
+        )
+
+    bar = _progress_bar(num_steps, start_step, progress)
+    stopped = "num_steps"
+    bad_in_a_row = 0
+    t0 = time.perf_counter()
+    step = start_step
+    try:
+        while step < num_steps:
+            factor = lr_factor(step)
+            for group, base in zip(opt.param_groups, base_lrs):
+                group["lr"] = base * factor
+            opt.zero_grad(set_to_none=True)
+            try:
+                loss_tensor = loss.differentiable_loss(model, guide, *args, **kwargs)
+            except (ValueError, RuntimeError) as e:
+                # e.g. a distribution rejecting a NaN parameter: the step never reached the
+                # optimizer, so the parameters are still the last good ones; keep them on disk.
+                save(step)
+                raise FitError(
+                    f"step {step}: the model or guide failed ({type(e).__name__}: {e}). The "
+                    f"parameters are those of the last finished step ({step - 1})."
+                ) from e
+            value = float(loss_tensor.detach())
+            bad_grads: list[str] = []
+            if math.isfinite(value):
+                loss_tensor.backward()
+                bad_grads = [
+                    n
+                    for n, p in zip(names, params)
+                    if p.grad is not None and not torch.isfinite(p.grad).all()
+                ]
+            if not math.isfinite(value) or bad_grads:
+                bad_in_a_row += 1
+                skipped.append(step)
+                losses.append(float("nan"))
+                if bad_in_a_row >= max_bad_steps:
+                    raise FitError(
+                        f"step {step}: {bad_in_a_row} consecutive non-finite steps, stopping. The "
+                        f"parameters are those of the last finite step ({step - bad_in_a_row}). "
+                        f"Likely cause: {_likely_cause(value, bad_grads)}."
+                    )
+            else:
+                bad_in_a_row = 0
+                if clip_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(params, clip_norm)
+                opt.step()
+                losses.append(value)
+            step += 1
+            if bar is not None:
+                bar.update(1)
+                if step % 10 == 0 or step == num_steps:
+                    recent = [v for v in losses[-100:] if math.isfinite(v)]
+                    bar.set_postfix(
+                        loss=f"{value:.4g}",
+                        mean=f"{np.mean(recent) if recent else float('nan'):.4g}",
+                    )
+            if step % checkpoint_every == 0:
+                save(step)
+            if (
+                stop_window
+                and step % stop_window == 0
+                and _converged(losses, stop_window, stop_tol)
+            ):
+                stopped = "converged"
+                break
+    except KeyboardInterrupt:
+        stopped = "interrupted"
+        warnings.warn(f"fit interrupted at step {step}; returning the result so far", stacklevel=2)
+    finally:
+        if bar is not None:
+            bar.close()
+    seconds = time.perf_counter() - t0
+    if step % checkpoint_every != 0 or stopped != "num_steps":
+        save(step)
+    steps_here = step - start_step
+    return FitResult(
+        losses=np.asarray(losses, dtype=float),
+        num_steps=step,
+        stopped=stopped,
+        skipped_steps=skipped,
+        seconds=seconds,
+        seconds_per_step=seconds / steps_here if steps_here else float("nan"),
+        guide=guide,
+    )
+
+
+def _converged(losses: list[float], window: int, tol: float) -> bool:
+    if len(losses) < 2 * window:
+        return False
+    cur = np.nanmean(losses[-window:])
+    prev = np.nanmean(losses[-2 * window : -window])
+    return bool(prev - cur < tol * max(1.0, abs(cur)))
+
+
+def _check_positive_int(value, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _progress_bar(total: int, initial: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="fit", unit="step", dynamic_ncols=True)
