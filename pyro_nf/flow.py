@@ -137,6 +137,9 @@ class Flow(nn.Module):
         init_loc, init_scale: the affine layer's start; the untrained flow is exactly
             :math:`\\mathcal N(\\text{init\\_loc}, \\text{init\\_scale}^2)`.
         hidden_dims: MADE hidden sizes (``"iaf"`` only).
+        fused: evaluate a planar or radial stack as one transform (stacked parameters, one loop,
+            log-dets vectorized): the same numbers, a fraction of the per-layer overhead. The
+            parameters are the same either way, so this can be switched at any time.
         **layer_kwargs: passed to every layer (e.g. ``log_scale_min`` for IAF, ``inverse_tol`` for
             planar).
 
@@ -159,6 +162,7 @@ class Flow(nn.Module):
         init_loc: Tensor | float = 0.0,
         init_scale: Tensor | float = 1.0,
         hidden_dims: Sequence[int] | None = None,
+        fused: bool = True,
         **layer_kwargs,
     ) -> None:
         super().__init__()
@@ -177,6 +181,7 @@ class Flow(nn.Module):
             raise ValueError("hidden_dims applies to transform='iaf' only")
         self.transform = transform
         self.context_dim = context_dim
+        self.fused = bool(fused) and transform in ("planar", "radial")
         layers: list[FlowModule] = []
         for k in range(num_transforms):
             if transform == "iaf":
@@ -191,10 +196,16 @@ class Flow(nn.Module):
         self.affine = Affine(dim, context_dim, init_loc=init_loc, init_scale=init_scale)
 
     def transforms(self, context: Tensor | None = None) -> list[FlowTransform]:
-        """The stateless transforms, in the order they act on the base noise."""
-        return [layer.condition(context) for layer in self.layers] + [
-            self.affine.condition(context)
-        ]
+        """The stateless transforms, in the order they act on the base noise.
+
+        With ``fused=True`` (planar and radial), the layers come as one stack transform.
+        """
+        check_context(context, self.context_dim, "Flow")
+        affine = self.affine.condition(context)
+        if self.fused and len(self.layers) > 1:
+            raw = torch.stack([layer._raw(context) for layer in self.layers], -2)
+            return [self.layers[0]._build(raw, stacked=True), affine]
+        return [layer.condition(context) for layer in self.layers] + [affine]
 
     def forward(self, context: Tensor | None = None) -> FlowDistribution:
         check_context(context, self.context_dim, "Flow")

@@ -14,8 +14,8 @@ layer (owns parameters)  stateless transform              inverse
 from .affine import Affine, AffineTransform
 from .autoregressive import MADE, AffineAutoregressive, AutoregressiveTransform
 from .base import FlowModule, FlowTransform
-from .planar import Planar, PlanarTransform
-from .radial import Radial, RadialTransform
+from .planar import Planar, PlanarStackTransform, PlanarTransform
+from .radial import Radial, RadialStackTransform, RadialTransform
 
 __all__ = [
     "Affine",
@@ -26,7 +26,9 @@ __all__ = [
     "FlowTransform",
     "MADE",
     "Planar",
+    "PlanarStackTransform",
     "PlanarTransform",
     "Radial",
+    "RadialStackTransform",
     "RadialTransform",
 ]

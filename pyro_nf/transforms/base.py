@@ -95,7 +95,10 @@ class FlowModule(TransformModule):
         self.context_dim = context_dim
 
     # -- to be provided by subclasses -------------------------------------------------------
-    def _build(self, raw: Tensor) -> FlowTransform:
+    def _build(self, raw: Tensor, stacked: bool = False) -> FlowTransform:
+        """The transform for raw parameters ``raw``; with ``stacked=True``, ``raw`` has an extra
+        layer dimension at -2 and the result applies those layers in order (families that
+        support it: planar, radial)."""
         raise NotImplementedError
 
     # -- helpers for the common "raw vector or linear head" layout -------------------------
@@ -122,6 +125,10 @@ class FlowModule(TransformModule):
                 ``context_dim == 0``. The leading dimensions become batch dimensions of the
                 layer's parameters and broadcast against the input.
         """
+        self._validate(context)
+        return self._transform(context)
+
+    def _validate(self, context: Tensor | None) -> None:
         check_context(context, self.context_dim, type(self).__name__)
         if context is not None:
             dtype = next(self.parameters()).dtype
@@ -130,7 +137,6 @@ class FlowModule(TransformModule):
                     f"{type(self).__name__}: context has dtype {context.dtype} but the layer's "
                     f"parameters are {dtype}; cast one to the other"
                 )
-        return self._transform(context)
 
     def _transform(self, context: Tensor | None) -> FlowTransform:
         return self._build(self._raw(context))

@@ -24,14 +24,12 @@ from torch import Tensor
 
 from .base import FlowModule, FlowTransform, inverse_softplus
 
-__all__ = ["Radial", "RadialTransform"]
+__all__ = ["Radial", "RadialStackTransform", "RadialTransform"]
 
 
 def _norm(v: Tensor) -> Tensor:
-    # sqrt of the sum of squares; the gradient is finite (zero) at v == 0.
-    sq = (v * v).sum(-1)
-    safe = torch.where(sq > 0, sq, torch.ones_like(sq))
-    return torch.where(sq > 0, safe.sqrt(), torch.zeros_like(sq))
+    # Euclidean norm over the last dim; torch gives it a zero (finite) gradient at v == 0.
+    return torch.linalg.vector_norm(v, dim=-1)
 
 
 class RadialTransform(FlowTransform):
@@ -83,6 +81,41 @@ class RadialTransform(FlowTransform):
         return self.inverse_and_ladj(y)[0]
 
 
+class RadialStackTransform(RadialTransform):
+    """``K`` radial maps applied in order, parameters stacked: one transform, one Python loop.
+
+    Same arguments as :class:`RadialTransform` with an extra layer dimension: ``z0`` of shape
+    ``(..., K, D)``, ``alpha_raw`` and ``beta_raw`` of shape ``(..., K)``; layer 0 acts first. The
+    log-dets of all layers are evaluated in one vectorized step after the loop.
+    """
+
+    def _layer(self, k: int) -> RadialTransform:
+        layer = RadialTransform.__new__(RadialTransform)
+        FlowTransform.__init__(layer)
+        layer.z0, layer.alpha, layer.beta = (
+            self.z0[..., k, :],
+            self.alpha[..., k],
+            self.beta[..., k],
+        )
+        return layer
+
+    def call_and_ladj(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        rs = []
+        for k in range(self.z0.shape[-2]):
+            diff = x - self.z0[..., k, :]
+            r = _norm(diff)
+            x = torch.addcmul(x, (self.beta[..., k] / (self.alpha[..., k] + r)).unsqueeze(-1), diff)
+            rs.append(r)
+        return x, self._ladj(torch.stack(rs, -1), x.shape[-1]).sum(-1)
+
+    def inverse_and_ladj(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        ladj = 0.0
+        for k in reversed(range(self.z0.shape[-2])):
+            y, ladj_k = self._layer(k).inverse_and_ladj(y)
+            ladj = ladj + ladj_k
+        return y, ladj
+
+
 class Radial(FlowModule):
     """Radial flow layer owning its parameters, free or produced from a context.
 
@@ -106,6 +139,7 @@ class Radial(FlowModule):
         alpha_raw = inverse_softplus(torch.tensor([1.0]))
         self._init_params(torch.cat([torch.zeros(dim), alpha_raw, torch.zeros(1)]))
 
-    def _build(self, raw: Tensor) -> RadialTransform:
+    def _build(self, raw: Tensor, stacked: bool = False) -> RadialTransform:
         d = self.dim
-        return RadialTransform(raw[..., :d], raw[..., d], raw[..., d + 1])
+        cls = RadialStackTransform if stacked else RadialTransform
+        return cls(raw[..., :d], raw[..., d], raw[..., d + 1])
