@@ -13,14 +13,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import pyro
 import torch
 from pyro.infer.autoguide import AutoContinuous, AutoGuide
-from pyro.infer.autoguide.initialization import init_to_feasible, init_to_median
+from pyro.infer.autoguide.initialization import init_to_median
 from pyro.infer.autoguide.utils import helpful_support_errors
+from pyro.params.param_store import param_with_module_name
 from torch import Tensor
 from torch.distributions import biject_to
 
 from .flow import Flow, FlowDistribution
+from .transforms.base import inverse_softplus
 
 __all__ = [
     "AutoFlow",
@@ -43,7 +46,10 @@ def init_to_median_or_feasible(site: dict | None = None, num_samples: int = 15) 
     try:
         return init_to_median(site, num_samples=num_samples)
     except NotImplementedError:
-        return init_to_feasible(site)
+        # Pyro's init_to_feasible draws a sample for the shape; take it from the distribution.
+        fn = site["fn"]
+        t = biject_to(fn.support)
+        return t(torch.zeros(t.inverse_shape(fn.shape())))
 
 
 class AutoFlow(AutoContinuous):
@@ -70,8 +76,8 @@ class AutoFlow(AutoContinuous):
         init_scale: float = 0.1,
         **flow_kwargs,
     ) -> None:
-        if not isinstance(init_scale, (int, float)) or not init_scale > 0:
-            raise ValueError(f"init_scale must be a positive number, got {init_scale!r}")
+        if not isinstance(init_scale, (int, float)) or not 0 < init_scale < float("inf"):
+            raise ValueError(f"init_scale must be a positive finite number, got {init_scale!r}")
         # Build a throw-away flow now so that bad arguments fail here, not at the first SVI step.
         Flow(1, transform, num_transforms, **flow_kwargs)
         self._transform_name = transform
@@ -111,7 +117,11 @@ class AutoFlow(AutoContinuous):
         # Parameters follow the model's values, not torch's defaults.
         flow = flow.to(dtype=loc.dtype, device=loc.device)
         with torch.no_grad():
-            flow.affine.raw[: self.latent_dim].copy_(loc)  # exact, whatever the default dtype
+            # exact in the model's dtype, whatever torch's default dtype
+            flow.affine.raw[: self.latent_dim].copy_(loc)
+            flow.affine.raw[self.latent_dim :].copy_(
+                inverse_softplus(torch.full_like(loc, self._init_scale))
+            )
         self.flow = flow
 
     def _check_model(self) -> None:
@@ -139,7 +149,9 @@ class AutoFlow(AutoContinuous):
         """Create the parameters now (from one run of the model with these arguments).
 
         Needed before ``load_state_dict`` on a fresh guide; ``guide(*args)`` does it as well.
-        Returns the guide.
+        Returns the guide. Inside Pyro (``SVI``, ``Predictive``) the values in Pyro's param store
+        win over the module's, as for ``AutoNormal``: call ``pyro.clear_param_store()`` before
+        loading a state dict into a fresh guide, or restore the param store instead.
         """
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
@@ -159,7 +171,29 @@ class AutoFlow(AutoContinuous):
         Its ``log_prob`` scores any vector exactly.
         """
         self._require_setup()
-        return self.flow()
+        return self._synced_flow()()
+
+    def _synced_flow(self) -> Flow:
+        """``self.flow``, sharing its tensors with Pyro's param store inside a Pyro context.
+
+        As for ``AutoNormal``'s parameters, an entry of the param store with the flow's name wins
+        (a restored param store, a second guide in the same store), so that the optimizer of
+        ``SVI`` and the guide always see the same tensors.
+        """
+        flow = self.flow
+        if self._pyro_context.active:
+            name = self._pyro_get_fullname("flow")
+            store = pyro.get_param_store()
+            for param_name, p in flow.named_parameters():
+                key = param_with_module_name(name, param_name)
+                if key in store and store[key].shape != p.shape:
+                    raise RuntimeError(
+                        f"Pyro's param store holds {key!r} with shape {tuple(store[key].shape)}, "
+                        f"but this guide's parameter has shape {tuple(p.shape)} (left over from "
+                        "another model?); call pyro.clear_param_store() first"
+                    )
+            pyro.module(name, flow, update_module_params=True)
+        return flow
 
     def get_base_dist(self):
         raise NotImplementedError(
