@@ -166,7 +166,7 @@ def _data_plate_dim(guide_proto, model_proto, data_plate: str) -> int:
     dim = None
     for tr in (guide_proto, model_proto):
         for site in tr.nodes.values():
-            if site["type"] != "sample":
+            if site["type"] != "sample" or site_is_subsample(site):
                 continue
             frames = {f.name: f for f in site["cond_indep_stack"]}
             if data_plate in frames:

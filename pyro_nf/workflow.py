@@ -25,16 +25,17 @@ import os
 import random
 import time
 import warnings
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pickle import UnpicklingError
 
 import numpy as np
 import pyro
 import pyro.poutine as poutine
 import torch
 from pyro.infer import ELBO, Trace_ELBO
+
+from .fast import FastELBO
+from .guides import AutoFlow
 
 __all__ = ["fit", "FitResult", "FitError", "CheckpointError"]
 
@@ -138,7 +139,7 @@ def _load_checkpoint(path: str) -> dict:
         ckpt = torch.load(path, weights_only=True, map_location="cpu")
     except FileNotFoundError:
         raise
-    except (RuntimeError, UnpicklingError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+    except Exception as e:  # noqa: BLE001 - whatever a foreign file makes torch.load raise
         raise CheckpointError(
             f"{path!r} is not a readable pyro_nf checkpoint (truncated, corrupted or a foreign "
             f"file): {type(e).__name__}: {e}"
@@ -178,6 +179,7 @@ def fit(
     num_particles: int = 1,
     vectorize_particles: bool = True,
     loss: ELBO | None = None,
+    fast: bool | None = None,
     optimizer: type[torch.optim.Optimizer] = torch.optim.Adam,
     optimizer_kwargs: dict | None = None,
     lr_schedule: str | Callable[[int], float] | None = None,
@@ -199,7 +201,12 @@ def fit(
         num_steps: total number of steps (a resumed fit counts the steps already taken).
         lr: learning rate.
         num_particles: Monte Carlo particles per step (vectorized when ``vectorize_particles``).
-        loss: an ELBO instance to use instead of ``Trace_ELBO(num_particles, ...)``.
+        loss: an ELBO instance to use instead of the default below.
+        fast: use :class:`~pyro_nf.fast.FastELBO` (same loss as ``Trace_ELBO``, without tracing
+            the guide; several times faster for flow guides). ``None`` (default): for pyro_nf flow
+            autoguides, falling back to ``Trace_ELBO`` if the model cannot be evaluated that way
+            (e.g. does not broadcast over particles); ``True``: required; ``False``: never.
+            Other guides always use ``Trace_ELBO``.
         optimizer, optimizer_kwargs: a ``torch.optim`` optimizer class and extra arguments.
         lr_schedule: ``None``, ``"exponential"`` (to 1% of ``lr`` at the last step), ``"cosine"``,
             or a callable ``step -> factor`` multiplying ``lr``.
@@ -237,18 +244,36 @@ def fit(
     if resume and checkpoint is None:
         raise ValueError("resume=True needs checkpoint=PATH")
     lr_factor = _lr_factor(lr_schedule, num_steps)
+    trace_elbo = Trace_ELBO(
+        num_particles=num_particles, vectorize_particles=vectorize_particles and num_particles > 1
+    )
     if loss is None:
-        loss = Trace_ELBO(
-            num_particles=num_particles,
-            vectorize_particles=vectorize_particles and num_particles > 1,
-        )
+        use_fast = isinstance(guide, AutoFlow) and fast is not False and vectorize_particles
+        if fast and not isinstance(guide, AutoFlow):
+            raise ValueError(
+                f"fast=True needs a pyro_nf flow autoguide, got {type(guide).__name__}"
+            )
+        loss = FastELBO(num_particles) if use_fast else trace_elbo
+    elif fast:
+        raise ValueError("pass either loss= or fast=True, not both")
 
     if seed is not None:
         pyro.set_rng_seed(seed)
 
     # Create every parameter once, so the optimizer knows them.
-    with poutine.trace(param_only=True) as param_capture:
-        loss.differentiable_loss(model, guide, *args, **kwargs)
+    try:
+        with poutine.trace(param_only=True) as param_capture:
+            _capture_loss(loss, model, guide, args, kwargs)
+    except (ValueError, RuntimeError, NotImplementedError) as e:
+        if not isinstance(loss, FastELBO) or fast:
+            raise
+        warnings.warn(
+            f"FastELBO could not evaluate this model ({type(e).__name__}: {e}); using Trace_ELBO",
+            stacklevel=2,
+        )
+        loss = trace_elbo
+        with poutine.trace(param_only=True) as param_capture:
+            _capture_loss(loss, model, guide, args, kwargs)
     names = [name for name in param_capture.trace.nodes]
     if not names:
         raise ValueError("the model and guide have no parameters to fit")
@@ -286,7 +311,10 @@ def fit(
         start_step = int(ckpt["step"])
         _set_rng_state(ckpt["rng"])
 
-    def save(step: int) -> None:
+    rng_before_step = None  # random-number state at the start of the current step
+    saved = False
+
+    def save(step: int, rng: dict | None = None) -> None:
         if checkpoint is None:
             return
         _save_checkpoint(
@@ -298,7 +326,7 @@ def fit(
                 "optimizer": opt.state_dict(),
                 "losses": torch.tensor(losses, dtype=torch.float64),
                 "skipped": list(skipped),
-                "rng": _rng_state(),
+                "rng": rng if rng is not None else _rng_state(),
             },
         )
 
@@ -309,24 +337,24 @@ def fit(
     step = start_step
     try:
         while step < num_steps:
+            if checkpoint is not None:  # to checkpoint an unfinished step as not yet begun
+                rng_before_step = _rng_state()
             factor = lr_factor(step)
             for group, base in zip(opt.param_groups, base_lrs):
                 group["lr"] = base * factor
             opt.zero_grad(set_to_none=True)
             try:
-                loss_tensor = loss.differentiable_loss(model, guide, *args, **kwargs)
+                value = _loss_and_backward(loss, model, guide, args, kwargs)
             except (ValueError, RuntimeError) as e:
                 # e.g. a distribution rejecting a NaN parameter: the step never reached the
                 # optimizer, so the parameters are still the last good ones; keep them on disk.
-                save(step)
+                save(step, rng_before_step)
                 raise FitError(
                     f"step {step}: the model or guide failed ({type(e).__name__}: {e}). The "
                     f"parameters are those of the last finished step ({step - 1})."
                 ) from e
-            value = float(loss_tensor.detach())
             bad_grads: list[str] = []
             if math.isfinite(value):
-                loss_tensor.backward()
                 bad_grads = [
                     n
                     for n, p in zip(names, params)
@@ -368,12 +396,17 @@ def fit(
                 break
     except KeyboardInterrupt:
         stopped = "interrupted"
+        if len(losses) > step:  # the step had finished; only its count was missing
+            step = len(losses)
+        else:  # the step had not reached the optimizer: save it as not begun
+            save(step, rng_before_step)
+            saved = True
         warnings.warn(f"fit interrupted at step {step}; returning the result so far", stacklevel=2)
     finally:
         if bar is not None:
             bar.close()
     seconds = time.perf_counter() - t0
-    if step % checkpoint_every != 0 or stopped != "num_steps":
+    if not saved and (step % checkpoint_every != 0 or stopped != "num_steps"):
         save(step)
     steps_here = step - start_step
     return FitResult(
@@ -385,6 +418,26 @@ def fit(
         seconds_per_step=seconds / steps_here if steps_here else float("nan"),
         guide=guide,
     )
+
+
+def _capture_loss(loss: ELBO, model, guide, args, kwargs) -> None:
+    if hasattr(loss, "differentiable_loss"):
+        loss.differentiable_loss(model, guide, *args, **kwargs)
+    else:
+        loss.loss(model, guide, *args, **kwargs)
+
+
+def _loss_and_backward(loss: ELBO, model, guide, args, kwargs) -> float:
+    """The loss value; gradients are accumulated only when it is finite (where we can tell)."""
+    if hasattr(loss, "differentiable_loss"):
+        loss_tensor = loss.differentiable_loss(model, guide, *args, **kwargs)
+        value = float(loss_tensor.detach())
+        if math.isfinite(value):
+            loss_tensor.backward()
+        return value
+    # ELBOs without a differentiable loss (e.g. RenyiELBO) run backward themselves; non-finite
+    # gradients are caught by the caller's check before any optimizer step.
+    return float(loss.loss_and_grads(model, guide, *args, **kwargs))
 
 
 def _converged(losses: list[float], window: int, tol: float) -> bool:

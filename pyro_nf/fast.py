@@ -1,0 +1,158 @@
+"""A faster ELBO for the flattening flow autoguides: sample, score and evaluate the model directly.
+
+``Trace_ELBO`` runs the guide under Pyro's effect handlers (an auxiliary latent site, one
+``Delta`` site per latent, plates), replays the model against that trace, and then walks both
+traces to sum log-densities. For a :class:`~pyro_nf.AutoFlow` guide all of that computes
+
+.. math::
+    \\operatorname{ELBO} = \\mathbb{E}_{\\varepsilon}\\Big[\\log p\\big(x, T(z)\\big)
+    + \\log\\big|\\det J_{T}(z)\\big| - \\log q(z)\\Big], \\qquad z = F(\\varepsilon),
+
+where :math:`F` is the flow (one pass gives :math:`z` and :math:`\\log q(z)`) and :math:`T` maps
+the flattened unconstrained vector to each site's support. :class:`FastELBO` evaluates exactly
+this: one flow pass, the support transforms, and one conditioned trace of the model. With the same
+random numbers its loss equals ``Trace_ELBO``'s (tested), so results are identical in
+distribution. With ``compile=True`` the flow's sample-and-score is compiled by
+:func:`torch.compile`; if compilation fails the eager code is used (with a warning), which computes
+the same numbers.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import pyro
+import pyro.poutine as poutine
+import torch
+from pyro.distributions.util import sum_rightmost
+from pyro.infer import ELBO
+from torch.distributions import biject_to
+
+from .guides import AutoFlow
+
+__all__ = ["FastELBO"]
+
+
+class FastELBO(ELBO):
+    """ELBO for :class:`~pyro_nf.AutoFlow` guides without tracing the guide.
+
+    Use it like any Pyro ELBO (``SVI(model, guide, optim, FastELBO(num_particles=4))``); the guide
+    must be a pyro_nf flow autoguide built for ``model``. With ``num_particles > 1`` the particles
+    are vectorized (the model must broadcast over a leading plate, as with Pyro's
+    ``vectorize_particles=True``).
+
+    Args:
+        num_particles: Monte Carlo particles per estimate.
+        compile: compile the flow's sample-and-score with :func:`torch.compile` (opt-in: it
+            costs tens of seconds once, and pays off on long fits with deep flows).
+        max_plate_nesting: as for Pyro's ELBOs; found from the model when None.
+
+    Example:
+        >>> import pyro, pyro.distributions as dist, torch, pyro_nf
+        >>> def model():
+        ...     pyro.sample("x", dist.Normal(0.0, 1.0))
+        >>> guide = pyro_nf.AutoPlanarFlow(model, num_transforms=4)
+        >>> svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), FastELBO())
+        >>> isinstance(svi.step(), float)
+        True
+    """
+
+    def __init__(
+        self,
+        num_particles: int = 1,
+        *,
+        compile: bool = False,
+        max_plate_nesting: int | None = None,
+    ) -> None:
+        super().__init__(
+            num_particles=num_particles,
+            max_plate_nesting=float("inf") if max_plate_nesting is None else max_plate_nesting,
+            vectorize_particles=True,
+        )
+        self.compile = compile
+        self._compiled: dict[int, Callable] = {}
+        self._nesting: dict[int, int] = {}
+
+    # -- pieces --------------------------------------------------------------------------
+    def _check(self, guide) -> None:
+        if not isinstance(guide, AutoFlow):
+            raise TypeError(
+                f"FastELBO works with pyro_nf flow autoguides, got {type(guide).__name__}; "
+                "use pyro.infer.Trace_ELBO for other guides"
+            )
+
+    def _plate_nesting(self, model, guide, args, kwargs) -> int:
+        key = id(guide)
+        if key not in self._nesting:
+            if self.max_plate_nesting != float("inf"):
+                self._nesting[key] = int(self.max_plate_nesting)
+            else:
+                nesting = 0
+                for site in guide.prototype_trace.nodes.values():
+                    for frame in site.get("cond_indep_stack", ()):
+                        if frame.vectorized:
+                            nesting = max(nesting, -frame.dim)
+                self._nesting[key] = nesting
+        return self._nesting[key]
+
+    def _sample_and_score(self, guide) -> Callable:
+        with guide._pyro_context:  # as inside guide(...): parameters registered with Pyro
+            flow = guide._synced_flow()
+        if not self.compile:
+            return lambda n: flow().rsample_and_log_prob((n,))
+        key = id(flow)
+        if key not in self._compiled:
+            try:
+                compiled = torch.compile(lambda n: flow().rsample_and_log_prob((n,)), dynamic=False)
+                compiled(self.num_particles)  # compile now, so a failure falls back here
+                self._compiled[key] = compiled
+            except Exception as e:  # noqa: BLE001 - any compiler failure: eager is always right
+                warnings.warn(
+                    f"torch.compile failed ({type(e).__name__}: {e}); FastELBO uses eager mode",
+                    stacklevel=3,
+                )
+                self._compiled[key] = lambda n: flow().rsample_and_log_prob((n,))
+        return self._compiled[key]
+
+    # -- ELBO API ------------------------------------------------------------------------
+    def _get_trace(self, model, guide, args, kwargs):
+        raise NotImplementedError("FastELBO does not build guide traces")
+
+    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
+        """Negative ELBO estimate (a differentiable tensor), averaged over particles."""
+        self._check(guide)
+        if guide.prototype_trace is None:
+            guide._setup_prototype(*args, **kwargs)
+        nesting = self._plate_nesting(model, guide, args, kwargs)
+        n = self.num_particles
+        latent, log_q = self._sample_and_score(guide)(n)  # (n, D), (n,)
+        if n == 1:  # no particle plate, as in Trace_ELBO: models need not broadcast
+            latent = latent[0]
+        else:  # as under Trace_ELBO(vectorize_particles=True): a particle plate outermost
+            latent = latent.reshape((n,) + (1,) * nesting + latent.shape[-1:])
+        values, log_jac = {}, 0.0
+        for site, unconstrained in guide._unpack_latent(latent):
+            transform = biject_to(site["fn"].support)
+            value = transform(unconstrained)
+            jac = transform.log_abs_det_jacobian(unconstrained, value)
+            jac = sum_rightmost(jac, jac.dim() - value.dim() + site["fn"].event_dim)
+            log_jac = log_jac + jac.sum()  # summed over particles and plates, like Delta sites
+            values[site["name"]] = value
+        conditioned = poutine.trace(poutine.condition(model, data=values))
+        if n == 1:
+            model_trace = conditioned.get_trace(*args, **kwargs)
+        else:
+            with pyro.plate("num_particles_vectorized", n, dim=-(nesting + 1)):
+                model_trace = conditioned.get_trace(*args, **kwargs)
+        log_p = model_trace.log_prob_sum()
+        return -(log_p + log_jac - log_q.sum()) / n
+
+    def loss(self, model, guide, *args, **kwargs) -> float:
+        with torch.no_grad():
+            return float(self.differentiable_loss(model, guide, *args, **kwargs))
+
+    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
+        loss = self.differentiable_loss(model, guide, *args, **kwargs)
+        loss.backward()
+        return float(loss.detach())
