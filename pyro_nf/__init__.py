@@ -16,6 +16,7 @@ from .diagnostics import (
     log_marginal_likelihood,
     psis_verdict,
 )
+from .fast import FastELBO
 from .flow import Flow, FlowDistribution
 from .guides import (
     AutoFlow,
@@ -36,6 +37,7 @@ __all__ = [
     "AutoRadialFlow",
     "CheckpointError",
     "Diagnostics",
+    "FastELBO",
     "FitError",
     "FitResult",
     "Flow",

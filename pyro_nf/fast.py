@@ -99,21 +99,35 @@ class FastELBO(ELBO):
     def _sample_and_score(self, guide) -> Callable:
         with guide._pyro_context:  # as inside guide(...): parameters registered with Pyro
             flow = guide._synced_flow()
-        if not self.compile:
-            return lambda n: flow().rsample_and_log_prob((n,))
-        key = id(flow)
-        if key not in self._compiled:
-            try:
-                compiled = torch.compile(lambda n: flow().rsample_and_log_prob((n,)), dynamic=False)
-                compiled(self.num_particles)  # compile now, so a failure falls back here
-                self._compiled[key] = compiled
-            except Exception as e:  # noqa: BLE001 - any compiler failure: eager is always right
-                warnings.warn(
-                    f"torch.compile failed ({type(e).__name__}: {e}); FastELBO uses eager mode",
-                    stacklevel=3,
-                )
-                self._compiled[key] = lambda n: flow().rsample_and_log_prob((n,))
-        return self._compiled[key]
+
+        def push(eps):
+            return flow().push_and_log_prob(eps)
+
+        if self.compile:
+            key = id(flow)
+            if key not in self._compiled:
+                self._compiled[key] = self._try_compile(push, flow)
+            push = self._compiled[key]
+
+        def sample_and_score(n: int):
+            # The noise is drawn eagerly, so compiled or not the same random numbers are used.
+            p = flow.affine.raw
+            return push(torch.randn((n, flow.dim), dtype=p.dtype, device=p.device))
+
+        return sample_and_score
+
+    def _try_compile(self, push: Callable, flow) -> Callable:
+        try:
+            compiled = torch.compile(push, dynamic=False)
+            p = flow.affine.raw
+            compiled(torch.zeros((self.num_particles, flow.dim), dtype=p.dtype, device=p.device))
+            return compiled
+        except Exception as e:  # noqa: BLE001 - any compiler failure: eager is always right
+            warnings.warn(
+                f"torch.compile failed ({type(e).__name__}: {e}); FastELBO uses eager mode",
+                stacklevel=4,
+            )
+            return push
 
     # -- ELBO API ------------------------------------------------------------------------
     def _get_trace(self, model, guide, args, kwargs):

@@ -84,12 +84,15 @@ class FlowDistribution(TorchDistribution):
     def rsample_and_log_prob(self, sample_shape: torch.Size | tuple = ()) -> tuple[Tensor, Tensor]:
         """Draw :math:`z` and return it with :math:`\\log q(z)`, in one pass through the layers."""
         shape = self._extended_shape(torch.Size(sample_shape))
-        eps = torch.randn(shape, dtype=self._dtype, device=self._device)
+        return self.push_and_log_prob(torch.randn(shape, dtype=self._dtype, device=self._device))
+
+    def push_and_log_prob(self, eps: Tensor) -> tuple[Tensor, Tensor]:
+        """Push base noise ``eps`` through the layers: ``(z, log q(z))`` in one pass."""
         z, log_q = eps, self._base_log_prob(eps)
         for t in self.transforms:
             z, ladj = t.call_and_ladj(z)
             log_q = log_q - ladj
-        return z, log_q.expand(shape[:-1])
+        return z, log_q.expand(eps.shape[:-1])
 
     def rsample(self, sample_shape: torch.Size | tuple = ()) -> Tensor:
         z, log_q = self.rsample_and_log_prob(sample_shape)

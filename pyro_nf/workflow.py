@@ -247,6 +247,7 @@ def fit(
     trace_elbo = Trace_ELBO(
         num_particles=num_particles, vectorize_particles=vectorize_particles and num_particles > 1
     )
+    default_loss = loss is None
     if loss is None:
         use_fast = isinstance(guide, AutoFlow) and fast is not False and vectorize_particles
         if fast and not isinstance(guide, AutoFlow):
@@ -265,13 +266,21 @@ def fit(
         with poutine.trace(param_only=True) as param_capture:
             _capture_loss(loss, model, guide, args, kwargs)
     except (ValueError, RuntimeError, NotImplementedError) as e:
-        if not isinstance(loss, FastELBO) or fast:
+        # The default losses evaluate particles in one vectorized pass; a model that does not
+        # broadcast over them gets the plain sequential Trace_ELBO instead (same estimator).
+        vectorized = isinstance(loss, FastELBO) or getattr(loss, "vectorize_particles", False)
+        if (
+            not default_loss
+            or fast
+            or not (vectorized and (num_particles > 1 or isinstance(loss, FastELBO)))
+        ):
             raise
         warnings.warn(
-            f"FastELBO could not evaluate this model ({type(e).__name__}: {e}); using Trace_ELBO",
+            f"{type(loss).__name__} could not evaluate this model ({type(e).__name__}: {e}); "
+            "using Trace_ELBO with particles one at a time",
             stacklevel=2,
         )
-        loss = trace_elbo
+        loss = Trace_ELBO(num_particles=num_particles, vectorize_particles=False)
         with poutine.trace(param_only=True) as param_capture:
             _capture_loss(loss, model, guide, args, kwargs)
     names = [name for name in param_capture.trace.nodes]

@@ -1,0 +1,117 @@
+"""FastELBO gives Trace_ELBO's numbers for flow autoguides, without tracing the guide."""
+
+import warnings
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer import SVI, Trace_ELBO
+from pyro.infer.autoguide import AutoNormal
+from pyro.optim import Adam
+
+import pyro_nf
+from pyro_nf.fast import FastELBO
+
+GUIDES = [
+    lambda m: pyro_nf.AutoPlanarFlow(m, 4),
+    lambda m: pyro_nf.AutoRadialFlow(m, 4),
+    lambda m: pyro_nf.AutoIAFFlow(m, 2),
+]
+IDS = ["planar", "radial", "iaf"]
+
+
+def model(y):
+    mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+    tau = pyro.sample("tau", dist.HalfCauchy(2.0))
+    p = pyro.sample("p", dist.Dirichlet(torch.ones(3)))
+    with pyro.plate("groups", 4):
+        theta = pyro.sample("theta", dist.Normal(mu, tau))
+    with pyro.plate("obs", len(y)):
+        pyro.sample("y", dist.Normal(theta[..., :1] + p[..., :1], 1.0), obs=y)
+
+
+Y = torch.tensor([0.5, -1.0, 2.0, 1.5, 0.3])
+
+
+def perturbed(make):
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    guide = make(model)
+    guide(Y)
+    with torch.no_grad():
+        for p in guide.flow.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return guide
+
+
+@pytest.mark.parametrize("make", GUIDES, ids=IDS)
+@pytest.mark.parametrize("num_particles", [1, 4])
+def test_same_loss_and_gradients_as_trace_elbo(make, num_particles):
+    guide = perturbed(make)
+    params = list(guide.flow.parameters())
+    ref = Trace_ELBO(num_particles=num_particles, vectorize_particles=True, max_plate_nesting=1)
+    pyro.set_rng_seed(5)
+    a = ref.differentiable_loss(model, guide, Y)
+    grads_a = torch.autograd.grad(a, params)
+    pyro.set_rng_seed(5)
+    b = FastELBO(num_particles).differentiable_loss(model, guide, Y)
+    grads_b = torch.autograd.grad(b, params)
+    assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+    for ga, gb in zip(grads_a, grads_b):
+        assert torch.allclose(ga, gb, rtol=1e-4, atol=1e-5)
+
+
+def test_svi_with_fast_elbo_reaches_the_same_fit():
+    losses = {}
+    for name, loss in (
+        ("trace", Trace_ELBO(num_particles=4, vectorize_particles=True)),
+        ("fast", FastELBO(4)),
+    ):
+        guide = perturbed(GUIDES[0])
+        svi = SVI(model, guide, Adam({"lr": 0.02}), loss)
+        loss.loss(model, guide, Y)  # Trace_ELBO's first call draws extra random numbers
+        pyro.set_rng_seed(1)
+        losses[name] = [svi.step(Y) for _ in range(30)]
+    assert losses["trace"] == pytest.approx(losses["fast"], rel=1e-4, abs=1e-4)
+
+
+def test_refuses_other_guides():
+    with pytest.raises(TypeError, match="flow autoguides"):
+        FastELBO().differentiable_loss(model, AutoNormal(model), Y)
+
+
+def test_fit_uses_fast_path_and_falls_back_for_models_that_do_not_vectorize():
+    def stubborn(y):  # X @ w with a batched w breaks: cannot broadcast over particles
+        w = pyro.sample("w", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        pyro.sample("y", dist.Normal(torch.ones(3, 2) @ w, 1.0).to_event(1), obs=y)
+
+    y = torch.zeros(3)
+    pyro.clear_param_store()
+    r = pyro_nf.fit(stubborn, pyro_nf.AutoPlanarFlow(stubborn, 2), y, num_steps=5, progress=False)
+    assert len(r.losses) == 5  # one particle: the fast path needs no broadcasting
+    pyro.clear_param_store()
+    with pytest.warns(UserWarning, match="Trace_ELBO"):
+        r = pyro_nf.fit(
+            stubborn, pyro_nf.AutoPlanarFlow(stubborn, 2), y, num_steps=5, num_particles=3,
+            vectorize_particles=True, progress=False,
+        )  # fmt: skip
+    assert torch.isfinite(torch.tensor(r.losses)).all()
+    with pytest.raises(ValueError, match="flow autoguide"):
+        pyro_nf.fit(stubborn, AutoNormal(stubborn), y, num_steps=2, fast=True, progress=False)
+
+
+@pytest.mark.slow
+def test_compiled_sample_and_score_matches_eager():
+    guide = perturbed(GUIDES[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compiled = FastELBO(4, compile=True)
+        pyro.set_rng_seed(2)
+        a = compiled.differentiable_loss(model, guide, Y)  # compiles (or falls back) here
+    pyro.set_rng_seed(2)
+    compiled_again = compiled.differentiable_loss(model, guide, Y)
+    pyro.set_rng_seed(2)
+    eager = FastELBO(4).differentiable_loss(model, guide, Y)
+    assert torch.isfinite(a)
+    assert torch.allclose(compiled_again, eager, rtol=1e-5, atol=1e-5)
