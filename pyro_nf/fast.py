@@ -88,12 +88,26 @@ class FastELBO(ELBO):
             if self.max_plate_nesting != float("inf"):
                 self._nesting[key] = int(self.max_plate_nesting)
             else:
-                nesting = 0
-                for site in guide.prototype_trace.nodes.values():
-                    for frame in site.get("cond_indep_stack", ()):
-                        if frame.vectorized:
-                            nesting = max(nesting, -frame.dim)
-                self._nesting[key] = nesting
+                # The guide's prototype trace holds only the latents; the plates of observed
+                # sites count too, so trace the model once at the prototype's latent values.
+                latents = {
+                    name: site["value"]
+                    for name, site in guide.prototype_trace.iter_stochastic_nodes()
+                }
+                with torch.no_grad(), poutine.block():
+                    trace = poutine.trace(poutine.condition(model, data=latents)).get_trace(
+                        *args, **kwargs
+                    )
+                self._nesting[key] = max(
+                    (
+                        -frame.dim
+                        for site in trace.nodes.values()
+                        if site["type"] == "sample"
+                        for frame in site["cond_indep_stack"]
+                        if frame.vectorized
+                    ),
+                    default=0,
+                )
         return self._nesting[key]
 
     def _sample_and_score(self, guide) -> Callable:

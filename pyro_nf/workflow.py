@@ -374,10 +374,15 @@ def fit(
                 skipped.append(step)
                 losses.append(float("nan"))
                 if bad_in_a_row >= max_bad_steps:
+                    last = step - bad_in_a_row
+                    kept = (
+                        f"those of the last finite step ({last})"
+                        if last >= 0
+                        else "the initial ones (no step was finite)"
+                    )
                     raise FitError(
                         f"step {step}: {bad_in_a_row} consecutive non-finite steps, stopping. The "
-                        f"parameters are those of the last finite step ({step - bad_in_a_row}). "
-                        f"Likely cause: {_likely_cause(value, bad_grads)}."
+                        f"parameters are {kept}. Likely cause: {_likely_cause(value, bad_grads)}."
                     )
             else:
                 bad_in_a_row = 0
