@@ -23,34 +23,13 @@ import zipfile
 
 import numpy as np
 import pyro
-import pyro.distributions as dist
 import torch
 from pyro.infer.autoguide import AutoNormal
 
 import pyro_nf
+from pyro_nf.models import eight_schools_centered, eight_schools_data, eight_schools_noncentered
 
-Y = [28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0]
-SIGMA = [15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0]
-
-
-def centered(y, sigma):
-    mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
-    tau = pyro.sample("tau", dist.HalfCauchy(5.0))
-    with pyro.plate("school", len(y)):
-        theta = pyro.sample("theta", dist.Normal(mu, tau))
-        pyro.sample("y", dist.Normal(theta, sigma), obs=y)
-
-
-def noncentered(y, sigma):
-    mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
-    tau = pyro.sample("tau", dist.HalfCauchy(5.0))
-    with pyro.plate("school", len(y)):
-        theta_trans = pyro.sample("theta_trans", dist.Normal(0.0, 1.0))
-        theta = pyro.deterministic("theta", mu + tau * theta_trans)
-        pyro.sample("y", dist.Normal(theta, sigma), obs=y)
-
-
-MODELS = {"centred": centered, "non-centred": noncentered}
+MODELS = {"centred": eight_schools_centered, "non-centred": eight_schools_noncentered}
 GUIDES = {
     "AutoNormal": lambda m: AutoNormal(m),
     "AutoIAFFlow": lambda m: pyro_nf.AutoIAFFlow(m, num_transforms=3),
@@ -86,7 +65,7 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     os.makedirs(args.out, exist_ok=True)
-    y, sigma = torch.tensor(Y), torch.tensor(SIGMA)
+    y, sigma = eight_schools_data()
     reference = reference_draws(args.posteriordb) if args.posteriordb else None
     fig, axes = plt.subplots(1, len(MODELS), figsize=(11, 3.6))
     rows = []

@@ -21,26 +21,16 @@ import time
 import zipfile
 
 import pyro
-import pyro.distributions as dist
 import torch
 from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoNormal
 from pyro.optim import ClippedAdam
 
 import pyro_nf
+from pyro_nf.models import eight_schools_data, eight_schools_noncentered
 
-Y = [28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0]
-SIGMA = [15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0]
 POSTERIOR = "eight_schools-eight_schools_noncentered"
-
-
-def model(y: torch.Tensor, sigma: torch.Tensor) -> None:
-    mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
-    tau = pyro.sample("tau", dist.HalfCauchy(5.0))
-    with pyro.plate("school", len(y)):
-        theta_trans = pyro.sample("theta_trans", dist.Normal(0.0, 1.0))
-        theta = pyro.deterministic("theta", mu + tau * theta_trans)
-        pyro.sample("y", dist.Normal(theta, sigma), obs=y)
+model = eight_schools_noncentered
 
 
 def fit(guide, y, sigma, steps: int, lr: float) -> list[float]:
@@ -86,7 +76,7 @@ def main() -> None:
     if args.steps < 1:
         parser.error("--steps must be positive")
 
-    y, sigma = torch.tensor(Y), torch.tensor(SIGMA)
+    y, sigma = eight_schools_data()
     results, losses = {}, {}
     for name, make in [
         ("AutoNormal", lambda: AutoNormal(model)),

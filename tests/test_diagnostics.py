@@ -18,7 +18,6 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pyro  # noqa: E402
 import pyro.distributions as dist  # noqa: E402
@@ -34,6 +33,7 @@ from pyro_nf import (  # noqa: E402
     psis_verdict,
     to_inference_data,
 )
+from pyro_nf.models import eight_schools_centered, eight_schools_data, eight_schools_noncentered  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -42,15 +42,6 @@ VERDICTS = ["good", "use with care", "do not trust"]
 
 def verdict_rank(verdict: str) -> int:
     return VERDICTS.index(verdict.split(":")[0])
-
-
-@pytest.fixture(autouse=True)
-def _fresh_state():
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    yield
-    pyro.clear_param_store()
-    plt.close("all")
 
 
 # --------------------------------------------------------------------------------------------
@@ -541,25 +532,9 @@ def test_resampling_moves_the_mean_to_the_exact_posterior():
 # --------------------------------------------------------------------------------------------
 # Eight schools: the centred parameterization must get the worse verdict
 # --------------------------------------------------------------------------------------------
-SCHOOLS_Y = torch.tensor([28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0])
-SCHOOLS_SIGMA = torch.tensor([15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0])
-
-
-def eight_schools_centred(y, sigma):
-    mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
-    tau = pyro.sample("tau", dist.HalfCauchy(5.0))
-    with pyro.plate("school", len(y)):
-        theta = pyro.sample("theta", dist.Normal(mu, tau))
-        pyro.sample("y", dist.Normal(theta, sigma), obs=y)
-
-
-def eight_schools_noncentred(y, sigma):
-    mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
-    tau = pyro.sample("tau", dist.HalfCauchy(5.0))
-    with pyro.plate("school", len(y)):
-        theta_trans = pyro.sample("theta_trans", dist.Normal(0.0, 1.0))
-        theta = pyro.deterministic("theta", mu + tau * theta_trans)
-        pyro.sample("y", dist.Normal(theta, sigma), obs=y)
+SCHOOLS_Y, SCHOOLS_SIGMA = eight_schools_data()
+eight_schools_centred = eight_schools_centered
+eight_schools_noncentred = eight_schools_noncentered
 
 
 @pytest.mark.slow

@@ -48,14 +48,6 @@ def make_guide(cls, model, **kwargs):
     return cls(model, **{**SMALL[cls], **kwargs})
 
 
-@pytest.fixture(autouse=True)
-def fresh_pyro_state():
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    yield
-    pyro.clear_param_store()
-
-
 # ---------------------------------------------------------------------------------------------
 # Models
 # ---------------------------------------------------------------------------------------------

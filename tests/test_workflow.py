@@ -31,15 +31,6 @@ torch.set_num_threads(1)
 Y = torch.tensor([0.5, 1.2, -0.3, 0.8, 2.1, 0.4])
 
 
-@pytest.fixture(autouse=True)
-def _fresh_state():
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    yield
-    pyro.clear_param_store()
-    plt.close("all")
-
-
 def simple_model(y):
     mu = pyro.sample("mu", dist.Normal(0.0, 2.0))
     s = pyro.sample("s", dist.LogNormal(0.0, 1.0))
