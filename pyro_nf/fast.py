@@ -46,6 +46,12 @@ class FastELBO(ELBO):
         num_particles: Monte Carlo particles per estimate.
         compile: compile the flow's sample-and-score with :func:`torch.compile` (opt-in: it
             costs tens of seconds once, and pays off on long fits with deep flows).
+        stl: "sticking the landing" gradients (Roeder et al. 2017): :math:`\\log q(z)` is
+            evaluated with the flow's parameters detached, so the score-function term, whose
+            expectation is zero, is dropped from the gradient. Same loss value, lower-variance
+            gradients that vanish when :math:`q` equals the posterior. It scores :math:`z`
+            through the exact inverse, so it costs an inverse pass per step (``D`` network passes
+            per autoregressive layer).
         max_plate_nesting: as for Pyro's ELBOs; found from the model when None.
 
     Example:
@@ -63,6 +69,7 @@ class FastELBO(ELBO):
         num_particles: int = 1,
         *,
         compile: bool = False,
+        stl: bool = False,
         max_plate_nesting: int | None = None,
     ) -> None:
         super().__init__(
@@ -71,6 +78,7 @@ class FastELBO(ELBO):
             vectorize_particles=True,
         )
         self.compile = compile
+        self.stl = stl
         self._compiled: dict[int, Callable] = {}
         self._nesting: dict[int, int] = {}
 
@@ -130,6 +138,13 @@ class FastELBO(ELBO):
 
         return sample_and_score
 
+    @staticmethod
+    def _log_q_at_stopped_parameters(guide, latent: torch.Tensor) -> torch.Tensor:
+        """log q(z) with the flow's parameters detached: gradients reach them through z only."""
+        flow = guide.flow
+        detached = {name: p.detach() for name, p in flow.named_parameters()}
+        return torch.func.functional_call(flow, detached, ()).log_prob(latent)
+
     def _try_compile(self, push: Callable, flow) -> Callable:
         try:
             compiled = torch.compile(push, dynamic=False)
@@ -155,6 +170,8 @@ class FastELBO(ELBO):
         nesting = self._plate_nesting(model, guide, args, kwargs)
         n = self.num_particles
         latent, log_q = self._sample_and_score(guide)(n)  # (n, D), (n,)
+        if self.stl:
+            log_q = self._log_q_at_stopped_parameters(guide, latent)
         if n == 1:  # no particle plate, as in Trace_ELBO: models need not broadcast
             latent = latent[0]
         else:  # as under Trace_ELBO(vectorize_particles=True): a particle plate outermost
