@@ -317,3 +317,15 @@ def test_layers_register_with_pyro_module():
     clone = copy.deepcopy(layer)
     x = torch.randn(3)
     assert torch.equal(clone(x), layer(x))
+
+
+def test_planar_inverse_never_cycles_float32():
+    """Plain Newton cycles across the bend of tanh for large w.u_hat; the safeguard must not."""
+    torch.manual_seed(0)
+    worst = 0.0
+    for _ in range(50):
+        u, w = 3.0 * torch.randn(2, 2)
+        t = PlanarTransform(u, w, torch.randn(()))
+        y = 4.0 * torch.randn(4000, 2)
+        worst = max(worst, (t(t.inv(y)) - y).abs().max().item())
+    assert worst < 1e-3

@@ -19,7 +19,9 @@ so that :math:`w^\\top \\hat u = m(w^\\top u) > -1`. The paper uses :math:`m(x) 
 Inverse: writing :math:`\\alpha = w^\\top z`, the scalar :math:`\\alpha` solves
 :math:`\\alpha + m \\tanh(\\alpha + b) = w^\\top y` (with :math:`m = w^\\top\\hat u`), a strictly
 increasing function of :math:`\\alpha` whose root lies in :math:`[w^\\top y - |m|, w^\\top y + |m|]`.
-It is found by Newton's method safeguarded by bisection on that bracket; then
+It is found by Newton's method safeguarded by bisection on that bracket (a Newton step is
+taken only when it stays inside the bracket and moves less than half its width, so the iteration
+cannot cycle); then
 :math:`z = y - \\hat u \\tanh(\\alpha + b)`. Gradients through the inverse come from one Newton step
 taken with autograd on from the converged root (the implicit-function theorem), so they are exact
 at convergence.
@@ -107,8 +109,10 @@ class PlanarTransform(FlowTransform):
                 lo = torch.where(g < 0, a, lo)
                 hi = torch.where(g > 0, a, hi)
                 a_new = a - g / (t * t + (1.0 - t * t) * m1)
-                outside = (a_new < lo) | (a_new > hi)
-                a_new = torch.where(outside, 0.5 * (lo + hi), a_new)
+                # Newton can cycle across the bend of tanh; take it only when it lands inside
+                # the bracket and moves less than half its width, else bisect (always progress).
+                reject = (a_new <= lo) | (a_new >= hi) | ((a_new - a).abs() > 0.5 * (hi - lo))
+                a_new = torch.where(reject & (g != 0), 0.5 * (lo + hi), a_new)
                 converged = (a_new - a).abs() <= tol * (1.0 + a.abs())
                 a = a_new
                 if bool(converged.all()):
