@@ -1,0 +1,490 @@
+"""Fit 2-D toy densities with pyro_nf flow guides and with Pyro's own guides.
+
+Targets (z = (z1, z2) is the single latent site ``x`` of shape (2,)):
+
+* U1-U4 are the unnormalised energies of Rezende & Mohamed (2015), "Variational
+  Inference with Normalizing Flows", Table 1 / Figure 3, with
+  w1 = sin(2 pi z1 / 4), w2 = 3 exp(-0.5 ((z1 - 1) / 0.6)^2),
+  w3 = 3 sigmoid((z1 - 1) / 0.3); the log(exp(a) + exp(b)) terms use logsumexp.
+  U2, U3 and U4 do not depend on the magnitude of z1, so exp(-U) is not
+  integrable.  To make KL(q||p) well defined we add a soft box penalty
+  B(z1) = 0.5 * (max(|z1| - 4, 0) / 0.5)^2 to U2, U3 and U4 (flat on the
+  paper's window |z1| <= 4, Gaussian tails of sd 0.5 outside).  U1 is proper
+  and is used unchanged.
+* banana: p(x1, x2) = N(x1 | x2^2 / 4, 1) N(x2 | 0, 4), where N(. | m, v) has
+  *variance* v, i.e. x2 has standard deviation 2.  Its energy is the exact
+  negative normalised log density, so log Z = 0; the quadrature is checked
+  against this.  ``--banana-sd S`` sets the sd of x2 (S = 4: variance 16).
+
+Each target is the model ``x ~ ImproperUniform(real, (), (2,))`` plus
+``pyro.factor("U", -U(x))``.  Guides: pyro_nf.AutoPlanarFlow, AutoRadialFlow and
+AutoIAFFlow at several depths, and Pyro's AutoNormalizingFlow (16 planar
+layers), AutoIAFNormal and AutoNormal, all with the same steps, lr and
+particles.  Metric: KL(q||p) = E_q[log q(x) + U(x)] + log Z, with log Z from
+midpoint quadrature on a fine grid and E_q from ``--samples`` draws of the fitted
+guide (reported as mean +- standard error).  log q is the sum of the guide's
+sample-site log densities in a vectorised trace; for pyro_nf guides it is also
+cross-checked against ``guide.get_posterior().log_prob`` on fresh copies.
+pyro_nf guides use init_scale 1 (the N(0, I) start of Pyro's flow guides) and
+AutoIAFFlow hidden_dims (64,); see --init-scale and --hidden.
+
+Pyro's AutoNormalizingFlow and AutoIAFNormal initialise with init_to_feasible
+(and pyro_nf's default init falls back to it), which cannot sample an
+ImproperUniform site, so every guide is built on the
+model wrapped in ``InitMessenger(init_to_value(x=0))``; SVI uses the bare model.
+
+Run (from the repository root)::
+
+    python examples/toy_densities.py              # full run, all cores
+    python examples/toy_densities.py --quick      # short CI configuration
+    python examples/toy_densities.py --targets banana,U1 --guides iaf,pyro-iaf
+
+Figure: ``--out`` (default examples/output); table: ``--results`` (default
+benchmarks/results/toy_densities.md, or toy_densities_quick.md with --quick).
+Fits run in ``--jobs`` processes with one torch thread each; every fit is
+seeded from ``--seed`` and its own name, so results do not depend on --jobs.
+Cost (x86_64 CPU, torch 2.13): the full run is about 1400 CPU-seconds of
+fitting (some 12 minutes on 2 idle cores), --quick about 75.
+"""
+
+import argparse
+import functools
+import math
+import os
+import platform
+import sys
+import time
+import zlib
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from pyro.distributions import constraints
+from pyro.distributions.transforms import iterated, planar
+from pyro.infer import SVI, Trace_ELBO
+from pyro.infer.autoguide import AutoIAFNormal, AutoNormal, AutoNormalizingFlow, init_to_value
+from pyro.infer.autoguide.initialization import InitMessenger
+from pyro.optim import Adam
+
+# Let `python examples/toy_densities.py` find the checkout's pyro_nf when it is not installed.
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# ----------------------------------------------------------------------------- targets
+
+
+def _w1(z1):
+    return torch.sin(2 * math.pi * z1 / 4)
+
+
+def _lse2(a, b):
+    return torch.logsumexp(torch.stack([a, b]), dim=0)
+
+
+def soft_box(z1):
+    return 0.5 * (torch.relu(z1.abs() - 4.0) / 0.5) ** 2
+
+
+def u1(z):
+    z1 = z[..., 0]
+    r = z.pow(2).sum(-1).sqrt()
+    modes = _lse2(-0.5 * ((z1 - 2) / 0.6) ** 2, -0.5 * ((z1 + 2) / 0.6) ** 2)
+    return 0.5 * ((r - 2) / 0.4) ** 2 - modes
+
+
+def u2(z):
+    z1, z2 = z[..., 0], z[..., 1]
+    return 0.5 * ((z2 - _w1(z1)) / 0.4) ** 2 + soft_box(z1)
+
+
+def u3(z):
+    z1, z2 = z[..., 0], z[..., 1]
+    w2 = 3 * torch.exp(-0.5 * ((z1 - 1) / 0.6) ** 2)
+    d = z2 - _w1(z1)
+    return -_lse2(-0.5 * (d / 0.35) ** 2, -0.5 * ((d + w2) / 0.35) ** 2) + soft_box(z1)
+
+
+def u4(z):
+    z1, z2 = z[..., 0], z[..., 1]
+    w3 = 3 * torch.sigmoid((z1 - 1) / 0.3)
+    d = z2 - _w1(z1)
+    return -_lse2(-0.5 * (d / 0.4) ** 2, -0.5 * ((d + w3) / 0.35) ** 2) + soft_box(z1)
+
+
+def u_banana(z, sd=2.0):
+    x1, x2 = z[..., 0], z[..., 1]
+    return 0.5 * (x1 - x2**2 / 4) ** 2 + 0.5 * (x2 / sd) ** 2 + math.log(sd * 2 * math.pi)
+
+
+TARGETS = ("U1", "U2", "U3", "U4", "banana")
+
+
+def target(name, banana_sd=2.0):
+    """(energy, quadrature box (x1lo, x1hi, x2lo, x2hi), plot box) of a target."""
+    if name == "banana":
+        s = banana_sd
+        return (
+            functools.partial(u_banana, sd=s),
+            (-8, 9 * s**2 + 8, -6 * s, 6 * s),
+            (-4, 3.5 * s**2, -3.5 * s, 3.5 * s),
+        )
+    return {"U1": u1, "U2": u2, "U3": u3, "U4": u4}[name], (-8, 8, -8, 8), (-5, 5, -5, 5)
+
+
+def make_model(energy):
+    def model():
+        x = pyro.sample("x", dist.ImproperUniform(constraints.real, (), (2,)))
+        pyro.factor("U", -energy(x))
+
+    return model
+
+
+def grid(box, n):
+    """Midpoint grid on box: returns points (n*n, 2) float64 and cell area."""
+    x1lo, x1hi, x2lo, x2hi = box
+    h1, h2 = (x1hi - x1lo) / n, (x2hi - x2lo) / n
+    g1 = torch.linspace(x1lo + h1 / 2, x1hi - h1 / 2, n, dtype=torch.float64)
+    g2 = torch.linspace(x2lo + h2 / 2, x2hi - h2 / 2, n, dtype=torch.float64)
+    a, b = torch.meshgrid(g1, g2, indexing="xy")  # rows index x2, columns x1
+    return torch.stack([a, b], -1).reshape(-1, 2), h1 * h2
+
+
+def log_normaliser(energy, box, n):
+    """log Z by quadrature, and the fraction of mass in the outer 2% frame of the box."""
+    pts, area = grid(box, n)
+    logp = -energy(pts).reshape(n, n)
+    log_z = (torch.logsumexp(logp.flatten(), 0) + math.log(area)).item()
+    k = max(1, n // 50)
+    inner = torch.logsumexp(logp[k:-k, k:-k].flatten(), 0) + math.log(area)
+    return log_z, 1.0 - math.exp(inner.item() - log_z)
+
+
+# ----------------------------------------------------------------------------- guides
+
+PYRO_GUIDES = [("pyro-planar", 16), ("pyro-iaf", 1), ("pyro-normal", 0)]
+FULL_GUIDES = [(f, k) for f in ("planar", "radial") for k in (2, 8, 16, 32)]
+FULL_GUIDES += [("iaf", k) for k in (1, 2, 4)] + PYRO_GUIDES
+QUICK_GUIDES = [("planar", 2), ("planar", 8), ("radial", 2), ("radial", 8), ("iaf", 2)]
+QUICK_GUIDES += PYRO_GUIDES
+PYRO_NF = ("planar", "radial", "iaf")
+
+
+NAMES = {
+    "planar": "AutoPlanarFlow",
+    "radial": "AutoRadialFlow",
+    "iaf": "AutoIAFFlow",
+    "pyro-planar": "AutoNormalizingFlow (16 planar)",
+    "pyro-iaf": "AutoIAFNormal",
+    "pyro-normal": "AutoNormal",
+}
+
+
+def label(family, k):
+    return f"pyro_nf.{NAMES[family]} K={k}" if family in PYRO_NF else f"Pyro {NAMES[family]}"
+
+
+def make_guide(family, k, model, init_scale, hidden):
+    if family in PYRO_NF:
+        import pyro_nf
+
+        kwargs = {"hidden_dims": tuple(hidden)} if family == "iaf" else {}
+        guide_class = getattr(pyro_nf, NAMES[family])
+        return guide_class(model, num_transforms=k, init_scale=init_scale, **kwargs)
+    if family == "pyro-planar":
+        return AutoNormalizingFlow(model, functools.partial(iterated, k, planar))
+    if family == "pyro-iaf":
+        return AutoIAFNormal(model, num_transforms=k)
+    return AutoNormal(model)
+
+
+def sample_logq(guide, n):
+    """n draws x ~ q and log q(x): sum of the guide's site log densities in a vectorised trace."""
+
+    def vectorised():
+        with pyro.plate("_mc", n, dim=-1):
+            guide()
+
+    tr = poutine.trace(vectorised).get_trace()
+    logq = 0.0
+    for name, site in tr.nodes.items():
+        if site["type"] == "sample" and name != "_mc":
+            logq = logq + site["fn"].log_prob(site["value"])
+    return tr.nodes["x"]["value"].reshape(n, 2), logq
+
+
+def density_image(guide, family, x, box, res):
+    """(res, res) image of q on the plot box: exp(log q) on a grid for pyro_nf, else a histogram."""
+    if family in PYRO_NF:
+        pts, _ = grid(box, res)
+        try:
+            log_q = guide.get_posterior().log_prob(pts.float())
+            return log_q.exp().reshape(res, res).numpy(), "density"
+        except Exception as e:  # report, fall back to the histogram
+            print(f"  [{label(family, 0)}] grid log_prob failed: {e!r}")
+    x = x.numpy()
+    h, _, _ = np.histogram2d(x[:, 1], x[:, 0], bins=res, range=[box[2:], box[:2]], density=True)
+    return h, "histogram"
+
+
+def _warm_up():
+    """Per-process one-off costs (torch's lazy torch._dynamo import in Adam) outside the timers."""
+    torch.set_num_threads(1)
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)])
+
+
+def fit_one(task):
+    """Fit one guide to one target; return metrics and a plot image (runs in a worker)."""
+    name, family, k, a, log_z = task
+    torch.set_num_threads(1)
+    pyro.set_rng_seed(a["seed"] + zlib.crc32(f"{name}/{family}/{k}".encode()) % 100003)
+    pyro.clear_param_store()
+    energy, _, plot_box = target(name, a["banana_sd"])
+    model = make_model(energy)
+    init_model = InitMessenger(init_to_value(values={"x": torch.zeros(2)}))(model)
+    res = dict(
+        target=name,
+        family=family,
+        k=k,
+        kl=math.nan,
+        se=math.nan,
+        is_ratio=math.nan,
+        check=math.nan,
+        seconds=math.nan,
+        cpu=math.nan,
+        image=np.zeros((a["res"],) * 2),
+        kind="failed",
+    )
+    try:
+        guide = make_guide(family, k, init_model, a["init_scale"], a["hidden"])
+        elbo = Trace_ELBO(
+            num_particles=a["particles"],
+            vectorize_particles=a["particles"] > 1,
+            max_plate_nesting=0,
+        )
+        svi = SVI(model, guide, Adam({"lr": a["lr"]}), elbo)
+        t0, c0 = time.perf_counter(), time.process_time()
+        for _ in range(a["steps"]):
+            svi.step()
+        res["seconds"], res["cpu"] = time.perf_counter() - t0, time.process_time() - c0
+        with torch.no_grad():
+            x, logq = sample_logq(guide, a["samples"])
+            if family in PYRO_NF:  # exact log_prob of fresh tensors must agree with the trace
+                res["check"] = (guide.get_posterior().log_prob(x.clone()) - logq).abs().max().item()
+            log_w = (-energy(x.double()) - logq.double()).numpy()  # log p~(x) - log q(x)
+            terms = log_z - log_w
+            res["kl"], res["se"] = terms.mean(), terms.std(ddof=1) / math.sqrt(len(terms))
+            res["is_ratio"] = np.exp(log_w - log_z).mean()  # E_q[p/q], ~1 (see markdown)
+            res["image"], res["kind"] = density_image(guide, family, x, plot_box, a["res"])
+    except Exception as e:  # keep the other fits; the failure shows as nan in the tables
+        print(f"FAILED {name} {label(family, k)}: {e!r}")
+    return res
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def plot(results, targets, guides, quad, path, res, banana_sd):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fams = ("planar", "radial", "iaf", "pyro-planar", "pyro-iaf", "pyro-normal")
+    cols = [(fam, [k for f, k in guides if f == fam]) for fam in fams]
+    cols = [c for c in cols if c[1]]  # best depth of each family, in this order
+    nr, nc = len(targets), len(cols) + 1
+    fig, axes = plt.subplots(nr, nc, figsize=(2.2 * nc, 2.2 * nr), squeeze=False)
+    for i, t in enumerate(targets):
+        energy, _, box = target(t, banana_sd)
+        pts, _ = grid(box, res)
+        true = (-energy(pts) - quad[t][0]).exp().reshape(res, res).numpy()
+        panels = [("true density", true, "")]
+        for fam, ks in cols:
+            rs = [results[(t, fam, k)] for k in ks]
+            best = min(rs, key=lambda r: r["kl"] if np.isfinite(r["kl"]) else math.inf)
+            name = label(fam, best["k"]).split(" K=")[0].replace("pyro_nf.", "")
+            depth = f"K={best['k']}, " if fam in PYRO_NF else ""
+            note = f"{depth}KL={best['kl']:.3f}\n{best['kind']}"
+            panels.append((name.replace(" (", "\n("), best["image"], note))
+        for j, (title, img, note) in enumerate(panels):
+            ax = axes[i, j]
+            ax.imshow(img, origin="lower", extent=box, aspect="auto", cmap="viridis")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.text(0.03, 0.97, note, transform=ax.transAxes, va="top", fontsize=7, color="w")
+            if i == 0:
+                ax.set_title(title, fontsize=8)
+            if j == 0:
+                ax.set_ylabel(t)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def markdown(results, targets, guides, quad, a, wall):
+    checks = [r["check"] for r in results.values() if np.isfinite(r["check"])]
+    out = [
+        "# Toy 2-D densities: KL(q||p) of fitted guides",
+        "",
+        f"Generated by `{a['cmd']}`; see the script's docstring for the targets and the method.",
+        "",
+        "## Settings",
+        "",
+        f"- steps {a['steps']}, Adam lr {a['lr']}, ELBO particles {a['particles']}, "
+        f"seed {a['seed']}",
+        f"- KL Monte Carlo samples per fit {a['samples']}; quadrature grid {a['quad']}^2 points",
+        f"- pyro_nf: init_scale {a['init_scale']}, AutoIAFFlow hidden_dims {tuple(a['hidden'])}; "
+        "Pyro guides: their defaults",
+        f"- machine: processor {platform.processor() or '?'}, machine {platform.machine()}, "
+        f"os.cpu_count() {os.cpu_count()}, torch {torch.__version__}, pyro {pyro.__version__}",
+        f"- each fit in its own process with torch.get_num_threads() = 1; {a['jobs']} parallel "
+        f"fits; total wall time {wall:.0f} s; sum of the fits' CPU times "
+        f"{sum(r['cpu'] for r in results.values()):.0f} s (wall time on an idle machine is about "
+        "this over the number of parallel fits)",
+        "- max |get_posterior().log_prob(x) - log q(x) from the trace| over pyro_nf fits: "
+        + (f"{max(checks):.1e}" if checks else "n/a"),
+        "",
+        "## Targets",
+        "",
+        "- U1-U4: Rezende & Mohamed (2015), Table 1. U2, U3, U4 plus the soft box "
+        "0.5 * (max(|z1| - 4, 0) / 0.5)^2 so that they are normalisable; U1 unchanged.",
+        f"- banana: N(x1 | x2^2/4, 1) N(x2 | 0, s^2) with sd s = {a['banana_sd']:g}"
+        + (" (the issue's N(x2 | 0, 4), 4 = variance)." if a["banana_sd"] == 2 else "."),
+        "",
+        "| target | quadrature box | log Z | mass in outer 2% frame |",
+        "|---|---|---|---|",
+    ]
+    for t in targets:
+        box = target(t, a["banana_sd"])[1]
+        out.append(f"| {t} | {box} | {quad[t][0]:.5f} | {quad[t][1]:.1e} |")
+    tables = [
+        ("KL(q||p), mean +- standard error", lambda r: f"{r['kl']:.3f} +- {r['se']:.3f}"),
+        ("Fit time (s): wall (CPU)", lambda r: f"{r['seconds']:.1f} ({r['cpu']:.1f})"),
+        (
+            "Check: E_q[p/q], about 1 when log q is right and q covers p",
+            lambda r: f"{r['is_ratio']:.3f}",
+        ),
+        (
+            "Check: max over the MC samples of |get_posterior().log_prob(x) - trace log q(x)|",
+            lambda r: f"{r['check']:.1e}" if np.isfinite(r["check"]) else "-",
+        ),
+    ]
+    for title, fmt in tables:
+        out += [
+            "",
+            f"## {title}",
+            "",
+            "| guide | " + " | ".join(targets) + " |",
+            "|---" * (len(targets) + 1) + "|",
+        ]
+        for f, k in guides:
+            cells = " | ".join(fmt(results[(t, f, k)]) for t in targets)
+            out.append(f"| {label(f, k)} | {cells} |")
+    out += ["", "## Goals (set for the full configuration)", ""] + [
+        f"- {g}" for g in goals(results, targets, guides)
+    ]
+    return "\n".join(out) + "\n"
+
+
+def goals(results, targets, guides):
+    def best(t, fams, k=None):
+        rs = [results[(t, f, j)] for f, j in guides if f in fams and k in (None, j)]
+        return min((r["kl"] for r in rs), default=math.nan)
+
+    def verdict(value, ok):
+        return "not run" if not np.isfinite(value) else ("PASS" if ok else "FAIL")
+
+    lines = []
+    if "banana" in targets:
+        kl = best("banana", ["iaf"])
+        lines.append(f"banana: best AutoIAFFlow KL {kl:.3f} <= 0.03: {verdict(kl, kl <= 0.03)}")
+        kl = best("banana", ["planar"], 16)
+        lines.append(f"banana: AutoPlanarFlow K=16 KL {kl:.3f} <= 0.15: {verdict(kl, kl <= 0.15)}")
+    for t in [t for t in targets if t != "banana"]:
+        ours, theirs = best(t, PYRO_NF), best(t, ["pyro-planar", "pyro-iaf"])
+        ok = verdict(ours + theirs, ours <= 0.5 * theirs)
+        lines.append(f"{t}: best pyro_nf KL {ours:.3f} <= 0.5 x best Pyro flow {theirs:.3f}: {ok}")
+    return lines
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, help="Adam steps per fit (3000; 300 with --quick)")
+    p.add_argument("--lr", type=float, default=0.005)
+    p.add_argument("--particles", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--targets", default=",".join(TARGETS))
+    p.add_argument("--guides", help="subset of planar,radial,iaf,pyro-planar,pyro-iaf,pyro-normal")
+    p.add_argument("--samples", type=int, help="MC samples for KL (20000; 4000 with --quick)")
+    p.add_argument("--banana-sd", type=float, default=2.0, help="sd of x2 in the banana")
+    p.add_argument("--init-scale", type=float, default=1.0, help="init_scale of pyro_nf guides")
+    p.add_argument("--hidden", default="64", help="AutoIAFFlow hidden_dims, e.g. 64 or 64,64")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel fits")
+    p.add_argument("--quick", action="store_true", help="short CI configuration")
+    p.add_argument("--out", default="examples/output", help="directory for the figure")
+    p.add_argument("--results", help="markdown table path")
+    a = p.parse_args()
+    sfx = "_quick" if a.quick else ""
+    a.cmd = " ".join(["python", *sys.argv])
+    a.hidden = [int(h) for h in a.hidden.split(",")]
+    a.steps = a.steps or (300 if a.quick else 3000)
+    a.samples = a.samples or (4000 if a.quick else 20000)
+    a.quad, a.res = (400, 80) if a.quick else (1000, 150)
+    a.results = a.results or f"benchmarks/results/toy_densities{sfx}.md"
+    targets = a.targets.split(",")
+    guides = QUICK_GUIDES if a.quick else FULL_GUIDES
+    if a.guides:
+        guides = [(f, k) for f, k in guides if f in a.guides.split(",")]
+    torch.set_num_threads(1)
+    t_start = time.perf_counter()
+
+    quad = {t: log_normaliser(*target(t, a.banana_sd)[:2], a.quad) for t in targets}
+    for t in targets:
+        exact = "  [exact: 0]" if t == "banana" else ""
+        print(f"{t}: log Z = {quad[t][0]:.6f} (mass in outer 2% frame {quad[t][1]:.1e}){exact}")
+
+    cfg = dict(vars(a))
+    tasks = [(t, f, k, cfg, quad[t][0]) for t in targets for f, k in guides]
+    tasks.sort(key=lambda task: -(task[2] + 1))  # deepest first, for load balance
+    out = []
+    with ProcessPoolExecutor(a.jobs, get_context("spawn"), initializer=_warm_up) as ex:
+        for r in ex.map(fit_one, tasks):  # in order, so progress lags the fastest fits a little
+            out.append(r)
+            print(
+                f"[{len(out)}/{len(tasks)}] {r['target']:6s} {label(r['family'], r['k']):38s} "
+                f"KL {r['kl']:.3f} +- {r['se']:.3f}  {r['seconds']:.0f} s  check {r['check']:.1e}",
+                flush=True,
+            )
+    results = {(r["target"], r["family"], r["k"]): r for r in out}
+    wall = time.perf_counter() - t_start
+
+    print(
+        f"\nKL(q||p) +- s.e. [fit seconds]  ({a.steps} steps, lr {a.lr}, "
+        f"{a.particles} particle(s), {a.samples} MC samples, seed {a.seed})"
+    )
+    print(f"{'guide':38s}" + "".join(f"{t:>24s}" for t in targets))
+    for f, k in guides:
+        rs = [results[(t, f, k)] for t in targets]
+        cells = [f"{r['kl']:>9.3f} +-{r['se']:6.3f} [{r['seconds']:4.0f}s]" for r in rs]
+        print(f"{label(f, k):38s}" + "".join(cells))
+    checks = [r["check"] for r in out if np.isfinite(r["check"])]
+    if checks:
+        print(f"max |get_posterior().log_prob - trace log q| (pyro_nf fits): {max(checks):.1e}")
+    print("\n".join(goals(results, targets, guides)))
+    cpu = sum(r["cpu"] for r in out)
+    print(f"total wall time {wall:.0f} s with {a.jobs} parallel fit(s); fits' CPU time {cpu:.0f} s")
+
+    os.makedirs(a.out, exist_ok=True)
+    fig_path = os.path.join(a.out, f"toy_densities{sfx}.png")
+    plot(results, targets, guides, quad, fig_path, a.res, a.banana_sd)
+    os.makedirs(os.path.dirname(a.results) or ".", exist_ok=True)
+    with open(a.results, "w") as fh:
+        fh.write(markdown(results, targets, guides, quad, cfg, wall))
+    print(f"wrote {fig_path} and {a.results}")
+
+
+if __name__ == "__main__":
+    main()
