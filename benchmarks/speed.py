@@ -128,9 +128,11 @@ def machine() -> str:
         cpu = names[0] if names else cpu
     except OSError:
         pass
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     return (
         f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, pyro {pyro.__version__}, "
-        f"{torch.get_num_threads()} thread(s)"
+        f"{torch.get_num_threads()} thread(s); load average at the end {load} "
+        "(above the core count means other work shared the machine and inflated every figure)"
     )
 
 
