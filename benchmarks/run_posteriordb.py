@@ -303,6 +303,8 @@ def _fmt(m: float, se: float, digits: int = 3) -> str:
         return "n/a"
     if math.isinf(m):
         return "inf"
+    if abs(m) >= 1e4:  # a blown-up fit: keep the cell readable
+        return f"{m:.3g}" if math.isnan(se) else f"{m:.3g} ± {se:.2g}"
     if math.isnan(se):
         return f"{m:.{digits}f}"
     return f"{m:.{digits}f} ± {se:.{digits}f}"
@@ -495,10 +497,11 @@ def write_report(
         "## Run",
         "",
         *[
-            f"- command: `{r['command']}` ({r['fits']} fits, {r['wall_seconds'] / 60:.1f} min)"
+            f"- command: `{r['command']}` ({r['fits']} fits, {r['wall_seconds'] / 60:.1f} min; "
+            f"{r['machine'].split('; ')[0]})"
             for r in runs
-        ],  # fmt: skip
-        f"- machine: {runs[-1]['machine']}",
+        ],
+        f"- machine: {runs[0]['machine'].split('; ', 1)[-1]}",
         f"- total wall time: {sum(r['wall_seconds'] for r in runs) / 60:.1f} min",
         f"- budget, identical for every guide: {s.steps} steps of Adam, lr {s.lr} with a "
         f"{s.lr_schedule} schedule, {s.particles} ELBO particles (vectorized), seeds "
@@ -666,17 +669,19 @@ def plot(out: str, name: str, summary: dict, posteriors: list[str], guides: list
     table = summary["table"]
     w = np.array([[table[p][g]["w1"][0] for g in guides] for p in posteriors], dtype=float)
     shown = np.where(np.isfinite(w), w, np.nan)
-    fig, ax = plt.subplots(figsize=(1.3 * len(guides) + 3, 0.55 * len(posteriors) + 2))
+    fig, ax = plt.subplots(figsize=(1.2 * len(guides) + 3, 0.5 * len(posteriors) + 2.5))
     finite = shown[np.isfinite(shown)]
     vmin = max(finite.min(), 1e-3) if finite.size else 1e-3
-    vmax = max(finite.max(), vmin * 10) if finite.size else 1.0
-    im = ax.imshow(np.clip(shown, vmin, None), cmap="viridis_r", norm=LogNorm(vmin, vmax))
+    vmax = min(max(finite.max(), vmin * 10), 100.0) if finite.size else 1.0  # beyond 100: lost
+    norm = LogNorm(vmin, vmax)
+    im = ax.imshow(np.clip(shown, vmin, vmax), cmap="viridis_r", norm=norm, aspect="auto")
     for i in range(len(posteriors)):
         for j in range(len(guides)):
-            txt = "fail" if not np.isfinite(w[i, j]) else f"{w[i, j]:.2f}"
+            txt = "fail" if not np.isfinite(w[i, j]) else f"{w[i, j]:.3g}"
             best = summary["best"][posteriors[i]]["best"] == guides[j]
+            dark = not np.isfinite(w[i, j]) or norm(min(max(w[i, j], vmin), vmax)) > 0.6
             ax.text(j, i, txt, ha="center", va="center", fontsize=8,
-                    fontweight="bold" if best else "normal", color="k" if best else "0.2")  # fmt: skip
+                    fontweight="bold" if best else "normal", color="w" if dark else "k")  # fmt: skip
     ax.set_xticks(range(len(guides)), [guide_label(g) for g in guides], rotation=35, ha="right")
     ax.set_yticks(range(len(posteriors)), [_short(p) for p in posteriors])
     fig.colorbar(im, ax=ax, label="mean standardized W1 (lower is better)")

@@ -283,11 +283,18 @@ def fit(
         loss = Trace_ELBO(num_particles=num_particles, vectorize_particles=False)
         with poutine.trace(param_only=True) as param_capture:
             _capture_loss(loss, model, guide, args, kwargs)
-    names = [name for name in param_capture.trace.nodes]
+    # One entry per tensor: Pyro can store a tensor under two names (e.g. AutoIAFNormal's
+    # _prototype_tensor), and the optimizer must not step it twice.
+    store = pyro.get_param_store()
+    names, params, seen = [], [], set()
+    for name in param_capture.trace.nodes:
+        p = store[name].unconstrained()
+        if id(p) not in seen:
+            seen.add(id(p))
+            names.append(name)
+            params.append(p)
     if not names:
         raise ValueError("the model and guide have no parameters to fit")
-    store = pyro.get_param_store()
-    params = [store[name].unconstrained() for name in names]
     opt = optimizer(params, lr=lr, **(optimizer_kwargs or {}))
     base_lrs = [group["lr"] for group in opt.param_groups]
 

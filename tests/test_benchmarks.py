@@ -132,12 +132,18 @@ def test_reference_draws_agree_with_models(db):
 
 def test_smoke_run(tmp_path):
     """The CLI on two posteriors, every guide, a few steps: the report and plots are written."""
+    import warnings
+
     import run_posteriordb
 
-    summary = run_posteriordb.main(
-        ["--posteriordb", DB_PATH, "--quick", "--steps", "20", "--samples", "300",
-         "--elbo-samples", "300", "--out", str(tmp_path)]
-    )  # fmt: skip
+    threads = torch.get_num_threads()
+    args = ["--posteriordb", DB_PATH, "--quick", "--steps", "20", "--samples", "300",
+            "--elbo-samples", "300", "--out", str(tmp_path)]  # fmt: skip
+    try:
+        with warnings.catch_warnings():  # main() sets process-wide warning filters
+            summary = run_posteriordb.main(args)
+    finally:
+        torch.set_num_threads(threads)  # and one torch thread
     md = (tmp_path / "posteriordb_quick.md").read_text()
     for png in ("posteriordb_quick_w1.png", "posteriordb_quick_khat.png"):
         data = (tmp_path / png).read_bytes()

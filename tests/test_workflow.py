@@ -788,3 +788,19 @@ def test_plot_posterior_rejects_bad_input():
         pyro_nf.plot_posterior(np.zeros((10, 2)))
     with pytest.raises(ValueError, match="nothing to plot"):
         pyro_nf.plot_posterior({})
+
+
+def test_a_tensor_stored_under_two_names_is_stepped_once():
+    """Pyro's AutoIAFNormal stores one tensor twice; Adam must move it by lr, not 2 lr."""
+    from pyro.infer.autoguide import AutoIAFNormal
+
+    def two_d():
+        pyro.sample("x", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+
+    guide = AutoIAFNormal(two_d, hidden_dim=[4])
+    guide()
+    before = {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
+    fit(two_d, guide, num_steps=1, lr=0.01, progress=False, seed=0)
+    after = dict(pyro.get_param_store().items())
+    moved = max((after[k].detach() - v).abs().max().item() for k, v in before.items())
+    assert moved <= 0.01 + 1e-6
