@@ -67,14 +67,6 @@ class TinyVAE(nn.Module):
             pyro.sample("z", self.flow(self.encoder(x[idx])))
 
 
-@pytest.fixture(autouse=True)
-def _fresh_param_store():
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    yield
-    pyro.clear_param_store()
-
-
 # --------------------------------------------------------------------------------------------
 # In a plate, with any batch size, particles and IWAE-style objectives
 # --------------------------------------------------------------------------------------------
