@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.distributions import constraints
 
 from .transforms import Affine, AffineAutoregressive, Planar, Radial
-from .transforms.base import FlowModule, FlowTransform, _check_dim, check_context
+from .transforms.base import FlowModule, FlowTransform, _check_dim, check_context, invert_in_reverse
 
 __all__ = ["Flow", "FlowDistribution", "TRANSFORMS"]
 
@@ -109,10 +109,7 @@ class FlowDistribution(TorchDistribution):
             return memo[2]
         if self._validate_args:
             self._validate_sample(value)
-        x, ladj_sum = value, 0.0
-        for t in reversed(self.transforms):
-            x, ladj = t.inverse_and_ladj(x)
-            ladj_sum = ladj_sum + ladj
+        x, ladj_sum = invert_in_reverse(self.transforms, value)
         log_q = self._base_log_prob(x) - ladj_sum
         return log_q.expand(torch.broadcast_shapes(value.shape[:-1], self.batch_shape))
 

@@ -64,6 +64,15 @@ class FlowTransform(Transform):
         return self
 
 
+def invert_in_reverse(transforms, y: Tensor) -> tuple[Tensor, Tensor | float]:
+    """Invert a sequence of transforms (last first): ``(x, sum of their forward log-dets at x)``."""
+    ladj = 0.0
+    for t in reversed(transforms):
+        y, ladj_t = t.inverse_and_ladj(y)
+        ladj = ladj + ladj_t
+    return y, ladj
+
+
 def _check_dim(dim: int, name: str = "dim") -> int:
     if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
         raise ValueError(f"{name} must be a positive integer, got {dim!r}")

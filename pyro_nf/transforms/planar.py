@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import FlowModule, FlowTransform
+from .base import FlowModule, FlowTransform, invert_in_reverse
 
 __all__ = ["Planar", "PlanarStackTransform", "PlanarTransform"]
 
@@ -165,11 +165,7 @@ class PlanarStackTransform(PlanarTransform):
         return x, self._ladj(torch.cat(ts, -1)).sum(-1)
 
     def inverse_and_ladj(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        ladj = 0.0
-        for k in reversed(range(self.w.shape[-2])):
-            y, ladj_k = self._layer(k).inverse_and_ladj(y)
-            ladj = ladj + ladj_k
-        return y, ladj
+        return invert_in_reverse([self._layer(k) for k in range(self.w.shape[-2])], y)
 
 
 class Planar(FlowModule):

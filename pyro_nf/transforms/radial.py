@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import FlowModule, FlowTransform, inverse_softplus
+from .base import FlowModule, FlowTransform, inverse_softplus, invert_in_reverse
 
 __all__ = ["Radial", "RadialStackTransform", "RadialTransform"]
 
@@ -109,11 +109,7 @@ class RadialStackTransform(RadialTransform):
         return x, self._ladj(torch.stack(rs, -1), x.shape[-1]).sum(-1)
 
     def inverse_and_ladj(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        ladj = 0.0
-        for k in reversed(range(self.z0.shape[-2])):
-            y, ladj_k = self._layer(k).inverse_and_ladj(y)
-            ladj = ladj + ladj_k
-        return y, ladj
+        return invert_in_reverse([self._layer(k) for k in range(self.z0.shape[-2])], y)
 
 
 class Radial(FlowModule):
