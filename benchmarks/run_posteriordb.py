@@ -70,9 +70,13 @@ class Settings:
     radial_transforms: int = 16
     iaf_transforms: int = 2
     init_scale: float = 0.1
+    fast: bool = True  # pyro_nf.fit's fast path (FastELBO) for the flow guides
 
     def key(self) -> str:
-        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+        fields = asdict(self)
+        if fields["fast"]:  # the default; left out so that keys of earlier runs stay valid
+            del fields["fast"]
+        return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def guide_label(guide: str) -> str:
@@ -259,6 +263,7 @@ def run_one(path: str, posterior: str, guide: str, seed: int, s: Settings) -> di
             lr_schedule=None if s.lr_schedule == "none" else s.lr_schedule,
             num_particles=s.particles,
             optimizer=Adam,
+            fast=None if s.fast else False,
             seed=seed,
             progress=False,
         )
@@ -506,7 +511,12 @@ def write_report(
         f"- budget, identical for every guide: {s.steps} steps of Adam, lr {s.lr} with a "
         f"{s.lr_schedule} schedule, {s.particles} ELBO particles (vectorized), seeds "
         f"{', '.join(map(str, seeds))}; fitted with `pyro_nf.fit` (optimizer: `torch.optim.Adam` "
-        "over the distinct parameter tensors, see the fairness notes in `benchmarks/README.md`)",
+        "over the distinct parameter tensors, see the fairness notes in `benchmarks/README.md`); "
+        + (
+            "flow guides through fit's fast path (FastELBO)"
+            if s.fast
+            else "fast path off: every guide through Trace_ELBO"
+        ),
         f"- scoring: ELBO and PSIS k-hat from `pyro_nf.diagnose` with {s.elbo_samples} draws; "
         f"marginal errors from {s.samples} guide draws (`pyro_nf.to_inference_data`) against the "
         "pooled NUTS reference draws (10 chains x 1000)",
@@ -741,6 +751,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--planar-transforms", type=int, default=Settings.planar_transforms)
     p.add_argument("--radial-transforms", type=int, default=Settings.radial_transforms)
     p.add_argument("--iaf-transforms", type=int, default=Settings.iaf_transforms)
+    p.add_argument(
+        "--fast", default="on", choices=["on", "off"],
+        help="pyro_nf.fit's fast path for flow guides (off: Trace_ELBO, to check it loses nothing)",
+    )  # fmt: skip
     p.add_argument("--out", default=os.path.join(HERE, "results"))
     p.add_argument("--name", default=None, help="file name stem (default posteriordb[_quick])")
     p.add_argument(
@@ -768,6 +782,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         planar_transforms=args.planar_transforms,
         radial_transforms=args.radial_transforms,
         iaf_transforms=args.iaf_transforms,
+        fast=args.fast == "on",
     )
     seeds = args.seeds or ([0] if q else [0, 1, 2])
     posteriors = args.posteriors or (QUICK_POSTERIORS if q else FULL_POSTERIORS)

@@ -19,6 +19,7 @@ from pyro.infer.autoguide import AutoContinuous, AutoGuide
 from pyro.infer.autoguide.initialization import init_to_median
 from pyro.infer.autoguide.utils import helpful_support_errors
 from pyro.params.param_store import param_with_module_name
+from pyro.poutine.runtime import _PYRO_STACK
 from torch import Tensor
 from torch.distributions import biject_to
 
@@ -50,6 +51,12 @@ def init_to_median_or_feasible(site: dict | None = None, num_samples: int = 15) 
         fn = site["fn"]
         t = biject_to(fn.support)
         return t(torch.zeros(t.inverse_shape(fn.shape())))
+
+
+def _holds(store, keys: list[tuple[str, Tensor]]) -> bool:
+    """Whether Pyro's param store holds exactly these tensors under these names."""
+    params = getattr(store, "_params", None)
+    return params is not None and all(params.get(key) is p for key, p in keys)
 
 
 class AutoFlow(AutoContinuous):
@@ -178,22 +185,45 @@ class AutoFlow(AutoContinuous):
 
         As for ``AutoNormal``'s parameters, an entry of the param store with the flow's name wins
         (a restored param store, a second guide in the same store), so that the optimizer of
-        ``SVI`` and the guide always see the same tensors.
+        ``SVI`` and the guide always see the same tensors. When no Pyro handler is active and the
+        store already holds exactly the flow's tensors, registering them again would change
+        nothing, and is skipped (it is a measurable part of a step for deep flows).
         """
-        flow = self.flow
+        # Not self.flow: inside an active context PyroModule.__getattr__ would register it again.
+        flow = self._modules["flow"]
         if self._pyro_context.active:
-            name = self._pyro_get_fullname("flow")
+            keys = self._flow_param_keys(flow)
             store = pyro.get_param_store()
-            for param_name, p in flow.named_parameters():
-                key = param_with_module_name(name, param_name)
+            if not _PYRO_STACK and _holds(store, keys):
+                return flow
+            for key, p in keys:
                 if key in store and store[key].shape != p.shape:
                     raise RuntimeError(
                         f"Pyro's param store holds {key!r} with shape {tuple(store[key].shape)}, "
                         f"but this guide's parameter has shape {tuple(p.shape)} (left over from "
                         "another model?); call pyro.clear_param_store() first"
                     )
-            pyro.module(name, flow, update_module_params=True)
+            pyro.module(self._pyro_get_fullname("flow"), flow, update_module_params=True)
         return flow
+
+    def _flow_param_keys(self, flow: Flow) -> list[tuple[str, Tensor]]:
+        """``(param-store name, parameter)`` of every trainable flow parameter.
+
+        Where each parameter lives is cached (walking the module tree costs more than the rest
+        of the check); the tensors are read afresh, since ``pyro.module`` may have swapped them.
+        """
+        name = self._pyro_get_fullname("flow")
+        cached = self.__dict__.get("_flow_slots")
+        if cached is None or cached[0] is not flow or cached[1] != name:
+            slots = []
+            for mod_name, mod in flow.named_modules():
+                for p_name, p in mod._parameters.items():
+                    if p is not None and p.requires_grad:
+                        full = f"{mod_name}.{p_name}" if mod_name else p_name
+                        slots.append((param_with_module_name(name, full), mod._parameters, p_name))
+            cached = (flow, name, slots)
+            self.__dict__["_flow_slots"] = cached
+        return [(key, params[p_name]) for key, params, p_name in cached[2]]
 
     def get_base_dist(self):
         raise NotImplementedError(

@@ -9,6 +9,7 @@ import torch
 from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoNormal
 from pyro.optim import Adam
+from pyro.params.param_store import param_with_module_name
 
 import pyro_nf
 from pyro_nf.fast import FastELBO
@@ -140,3 +141,40 @@ def test_sticking_the_landing_gradients_vanish_at_the_exact_posterior():
     g_stl = torch.autograd.grad(stl, params, allow_unused=True)
     assert max(g.abs().max() for g in g_plain if g is not None) > 1e-2
     assert all(g is None or g.abs().max() < 1e-5 for g in g_stl)
+
+
+# ---------------------------------------------------------------------------------------------
+# The flow's registration with Pyro's param store is skipped only when it would change nothing.
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("make", GUIDES, ids=IDS)
+def test_fast_steps_pick_up_a_restored_param_store(make, tmp_path):
+    pyro.clear_param_store()
+    guide = make(model)
+    pyro_nf.fit(model, guide, Y, num_steps=20, progress=False, seed=0)
+    points = torch.randn(8, guide.latent_dim)
+    with torch.no_grad():
+        saved = guide.get_posterior().log_prob(points)
+    path = tmp_path / "store.pt"
+    pyro.get_param_store().save(path)
+    pyro_nf.fit(model, guide, Y, num_steps=20, progress=False, seed=1)
+    with torch.no_grad():
+        assert not torch.allclose(guide.get_posterior().log_prob(points), saved)
+    pyro.get_param_store().load(path)  # new tensors under the same names
+    FastELBO().differentiable_loss(model, guide, Y)  # no Pyro handler active: the fast path
+    with torch.no_grad():
+        torch.testing.assert_close(guide.get_posterior().log_prob(points), saved)
+    in_store = {id(p) for _, p in pyro.get_param_store().named_parameters()}
+    assert all(id(p) in in_store for p in guide.flow.parameters())
+
+
+@pytest.mark.parametrize("make", GUIDES, ids=IDS)
+def test_every_flow_parameter_reaches_pyro_handlers_at_every_step(make):
+    pyro.clear_param_store()
+    guide = make(model).setup(Y)
+    loss = FastELBO()
+    name = f"{guide._pyro_name}.flow"
+    expected = {param_with_module_name(name, n) for n, _ in guide.flow.named_parameters()}
+    for _ in range(2):  # the second time the store already holds every tensor
+        with pyro.poutine.trace(param_only=True) as capture:
+            loss.differentiable_loss(model, guide, Y)
+        assert expected <= set(capture.trace.nodes)

@@ -804,3 +804,21 @@ def test_a_tensor_stored_under_two_names_is_stepped_once():
     after = dict(pyro.get_param_store().items())
     moved = max((after[k].detach() - v).abs().max().item() for k, v in before.items())
     assert moved <= 0.01 + 1e-6
+
+
+def test_fit_uses_fused_adam_with_the_same_updates():
+    from pyro_nf.workflow import _make_optimizer
+
+    p = [torch.zeros(3, requires_grad=True)]
+    assert _make_optimizer(torch.optim.Adam, p, 0.1, {}).defaults["fused"] is True
+    assert not _make_optimizer(torch.optim.Adam, p, 0.1, {"foreach": False}).defaults["fused"]
+    assert isinstance(_make_optimizer(torch.optim.SGD, p, 0.1, {}), torch.optim.SGD)
+    runs = []
+    for kwargs in (None, {"foreach": False}):  # fused kernel, then the per-tensor loop
+        pyro.clear_param_store()
+        guide = AutoNormal(simple_model)
+        fit(simple_model, guide, Y, num_steps=30, progress=False, seed=0, optimizer_kwargs=kwargs)
+        runs.append({k: v.detach().clone() for k, v in pyro.get_param_store().items()})
+    assert runs[0].keys() == runs[1].keys()
+    for k in runs[0]:
+        torch.testing.assert_close(runs[0][k], runs[1][k], rtol=1e-5, atol=1e-6)
