@@ -5,10 +5,13 @@
     \\varepsilon \\sim \\mathcal N(0, I_D), \\qquad
     \\log q(z) = \\log \\mathcal N(\\varepsilon; 0, I) - \\sum_k \\log|\\det J_{f_k}| - \\sum_i \\log\\sigma_i.
 
-The flow layers act on the standardized variable and the affine layer (location ``init_loc``,
-scale ``init_scale``) comes last, so the layers see a well-scaled input whatever the scale of the
-posterior. Every layer starts at the identity: an untrained flow is exactly
-:math:`\\mathcal N(\\mu, \\operatorname{diag}\\sigma^2)`.
+By default the flow layers act on the standardized variable and the affine layer (location
+``init_loc``, scale ``init_scale``) comes last, so the layers see a well-scaled input whatever the
+scale of the posterior. With ``affine_first=True`` the affine layer comes first,
+:math:`z = f_K \\circ \\dots \\circ f_1(\\mu + \\sigma \\odot \\varepsilon)`: the order of Rezende &
+Mohamed's (2015) and Kingma et al.'s (2016) amortized posteriors, where the layers act on the
+latent itself. Every layer starts at the identity: an untrained flow is exactly
+:math:`\\mathcal N(\\mu, \\operatorname{diag}\\sigma^2)` in either order.
 """
 
 from __future__ import annotations
@@ -124,8 +127,8 @@ class Flow(nn.Module):
 
     ``flow()`` (or ``flow(h)`` with ``context_dim > 0``) returns a :class:`FlowDistribution` with
     ``event_shape (dim,)`` and ``batch_shape h.shape[:-1]``: base :math:`\\mathcal N(0, I)`, then
-    ``num_transforms`` layers of one family, then a learnable elementwise affine layer. With a
-    context, the affine layer's location and scale and every layer's parameters are produced from
+    ``num_transforms`` layers of one family, then a learnable elementwise affine layer (before
+    the layers with ``affine_first=True``). With a context, the affine layer's location and scale and every layer's parameters are produced from
     ``h`` per datapoint (amortized inference), as in Rezende & Mohamed (2015) and Kingma et al.
     (2016).
 
@@ -137,6 +140,9 @@ class Flow(nn.Module):
         init_loc, init_scale: the affine layer's start; the untrained flow is exactly
             :math:`\\mathcal N(\\text{init\\_loc}, \\text{init\\_scale}^2)`.
         hidden_dims: MADE hidden sizes (``"iaf"`` only).
+        affine_first: put the affine layer before the flow layers instead of after them (see
+            the module docs); the same parameters either way, a different distribution once
+            trained.
         fused: evaluate a planar or radial stack as one transform (stacked parameters, one loop,
             log-dets vectorized): the same numbers, a fraction of the per-layer overhead. The
             parameters are the same either way, so this can be switched at any time.
@@ -162,6 +168,7 @@ class Flow(nn.Module):
         init_loc: Tensor | float = 0.0,
         init_scale: Tensor | float = 1.0,
         hidden_dims: Sequence[int] | None = None,
+        affine_first: bool = False,
         fused: bool = True,
         **layer_kwargs,
     ) -> None:
@@ -181,6 +188,9 @@ class Flow(nn.Module):
             raise ValueError("hidden_dims applies to transform='iaf' only")
         self.transform = transform
         self.context_dim = context_dim
+        if not isinstance(affine_first, bool):
+            raise TypeError(f"affine_first must be True or False, got {affine_first!r}")
+        self.affine_first = affine_first
         self.fused = bool(fused) and transform in ("planar", "radial")
         layers: list[FlowModule] = []
         for k in range(num_transforms):
@@ -201,11 +211,13 @@ class Flow(nn.Module):
         With ``fused=True`` (planar and radial), the layers come as one stack transform.
         """
         check_context(context, self.context_dim, "Flow")
-        affine = self.affine.condition(context)
+        affine = [self.affine.condition(context)]
         if self.fused and len(self.layers) > 1:
             raw = torch.stack([layer._raw(context) for layer in self.layers], -2)
-            return [self.layers[0]._build(raw, stacked=True), affine]
-        return [layer.condition(context) for layer in self.layers] + [affine]
+            layers = [self.layers[0]._build(raw, stacked=True)]
+        else:
+            layers = [layer.condition(context) for layer in self.layers]
+        return affine + layers if self.affine_first else layers + affine
 
     def forward(self, context: Tensor | None = None) -> FlowDistribution:
         check_context(context, self.context_dim, "Flow")
@@ -218,5 +230,5 @@ class Flow(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"dim={self.dim}, transform={self.transform!r}, num_transforms={len(self.layers)}, "
-            f"context_dim={self.context_dim}"
+            f"context_dim={self.context_dim}" + (", affine_first=True" if self.affine_first else "")
         )

@@ -14,9 +14,11 @@ from pyro_nf import Flow, FlowDistribution
 FAMILIES = ["planar", "radial", "iaf"]
 
 
-def perturbed_flow(transform, dim=2, context_dim=0, num_transforms=3, seed=0, scale=0.5):
+def perturbed_flow(
+    transform, dim=2, context_dim=0, num_transforms=3, seed=0, scale=0.5, affine_first=False
+):
     torch.manual_seed(seed)
-    flow = Flow(dim, transform, num_transforms, context_dim).double()
+    flow = Flow(dim, transform, num_transforms, context_dim, affine_first=affine_first).double()
     with torch.no_grad():
         for p in flow.parameters():
             p.add_(scale * torch.randn_like(p))
@@ -43,8 +45,9 @@ def test_density_integrates_to_one(transform):
 
 @pytest.mark.parametrize("transform", FAMILIES)
 @pytest.mark.parametrize("context_dim", [0, 3])
-def test_log_prob_of_own_sample_equals_exact_score(transform, context_dim):
-    flow = perturbed_flow(transform, dim=3, context_dim=context_dim)
+@pytest.mark.parametrize("affine_first", [False, True])
+def test_log_prob_of_own_sample_equals_exact_score(transform, context_dim, affine_first):
+    flow = perturbed_flow(transform, dim=3, context_dim=context_dim, affine_first=affine_first)
     h = torch.randn(5, 3, dtype=torch.float64) if context_dim else None
     d = flow(h)
     z = d.rsample((4,))
@@ -75,12 +78,36 @@ def test_sample_then_log_prob_has_gradients():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in flow.parameters())
 
 
-def test_untrained_flow_is_the_affine_normal():
-    flow = Flow(3, "iaf", 2, init_loc=torch.tensor([1.0, -2.0, 0.5]), init_scale=0.3)
+@pytest.mark.parametrize("transform", FAMILIES)
+@pytest.mark.parametrize("affine_first", [False, True])
+def test_untrained_flow_is_the_affine_normal(transform, affine_first):
+    loc = torch.tensor([1.0, -2.0, 0.5])
+    flow = Flow(3, transform, 2, init_loc=loc, init_scale=0.3, affine_first=affine_first)
     d = flow()
     x = torch.randn(20, 3)
-    ref = dist.Normal(torch.tensor([1.0, -2.0, 0.5]), 0.3).to_event(1)
+    ref = dist.Normal(loc, 0.3).to_event(1)
     assert torch.allclose(d.log_prob(x), ref.log_prob(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("transform", FAMILIES)
+def test_affine_first_puts_the_affine_layer_before_the_flow_layers(transform):
+    from pyro_nf.transforms import AffineTransform
+
+    last, first = (
+        perturbed_flow(transform, dim=2, context_dim=3, affine_first=a) for a in (False, True)
+    )
+    first.load_state_dict(last.state_dict())  # the same parameters
+    h = torch.randn(4, 3, dtype=torch.float64)
+    t_last, t_first = last(h).transforms, first(h).transforms
+    assert isinstance(t_last[-1], AffineTransform) and isinstance(t_first[0], AffineTransform)
+    eps = torch.randn(4, 2, dtype=torch.float64)
+    z = eps
+    for t in t_first[1:] + t_first[:1]:  # the same maps in the other order give the other flow
+        z = t(z)
+    torch.testing.assert_close(z, last(h).push_and_log_prob(eps)[0])
+    assert not torch.allclose(first(h).push_and_log_prob(eps)[0], z)
+    with pytest.raises(TypeError, match="affine_first"):
+        Flow(2, transform, 1, affine_first="yes")
 
 
 @pytest.mark.parametrize("transform", FAMILIES)
@@ -219,9 +246,12 @@ def test_fused_stack_equals_separate_layers(transform, context_dim):
 
 @pytest.mark.parametrize("transform", FAMILIES)
 @pytest.mark.parametrize("context_dim", [0, 3])
-def test_whole_flow_log_det_matches_jacobian(transform, context_dim):
+@pytest.mark.parametrize("affine_first", [False, True])
+def test_whole_flow_log_det_matches_jacobian(transform, context_dim, affine_first):
     """log q from one pass equals the change of variables computed with autograd's Jacobian."""
-    flow = perturbed_flow(transform, dim=3, context_dim=context_dim, num_transforms=4)
+    flow = perturbed_flow(
+        transform, dim=3, context_dim=context_dim, num_transforms=4, affine_first=affine_first
+    )
     h = torch.randn(3, dtype=torch.float64) if context_dim else None
     d = flow(h)
 
