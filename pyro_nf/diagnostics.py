@@ -67,8 +67,13 @@ def _prototype(model, guide, args, kwargs):
     return guide_trace, model_trace, nesting
 
 
-def _site_sums(trace, n: int, nesting: int, keep_dim: int | None, unscaled: bool) -> torch.Tensor:
-    """Sum each site's log-prob over everything but the draws dim (and ``keep_dim``)."""
+def _site_sums(
+    trace, n: int, nesting: int, keep_dim: int | None, unscaled: bool
+) -> torch.Tensor | None:
+    """Sum each site's log-prob over everything but the draws dim (and ``keep_dim``).
+
+    ``None`` when the trace holds no log-density at all (e.g. an empty guide).
+    """
     total = None
     for site in trace.nodes.values():
         if site["type"] != "sample":
@@ -85,7 +90,7 @@ def _site_sums(trace, n: int, nesting: int, keep_dim: int | None, unscaled: bool
             lp = lp.reshape(lp.shape[0], -1)
         total = lp if total is None else total + lp
     if total is None:
-        return torch.zeros(n)
+        return None
     return total.expand((n,) + total.shape[1:]) if total.shape[0] == 1 else total
 
 
@@ -129,6 +134,12 @@ def _draw(
             unscaled = data_plate is not None
             log_q = _site_sums(gtr, n, nesting, keep_dim, unscaled)
             log_p = _site_sums(mtr, n, nesting, keep_dim, unscaled)
+            # a side with no log-density contributes zeros of the other's dtype and device
+            if log_q is None or log_p is None:
+                other = log_p if log_q is None else log_q
+                zeros = torch.zeros(n) if other is None else torch.zeros_like(other)
+                log_q = zeros if log_q is None else log_q
+                log_p = zeros if log_p is None else log_p
             values = {}
             if keep_values:
                 for name, proto in sites.items():

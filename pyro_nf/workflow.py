@@ -249,10 +249,17 @@ def fit(
     )
     default_loss = loss is None
     if loss is None:
-        use_fast = isinstance(guide, AutoFlow) and fast is not False and vectorize_particles
+        # FastELBO evaluates particles in one vectorized pass (one particle needs no vectorizing)
+        vectorized = vectorize_particles or num_particles == 1
+        use_fast = isinstance(guide, AutoFlow) and fast is not False and vectorized
         if fast and not isinstance(guide, AutoFlow):
             raise ValueError(
                 f"fast=True needs a pyro_nf flow autoguide, got {type(guide).__name__}"
+            )
+        if fast and not vectorized:
+            raise ValueError(
+                "fast=True evaluates the particles in one vectorized pass; it cannot be combined "
+                "with vectorize_particles=False and num_particles > 1"
             )
         loss = FastELBO(num_particles) if use_fast else trace_elbo
     elif fast:
@@ -436,17 +443,21 @@ def fit(
 
 
 def _make_optimizer(optimizer, params, lr: float, kwargs: dict) -> torch.optim.Optimizer:
-    """The optimizer; Adam and AdamW use their fused kernels unless told otherwise.
+    """The optimizer; Adam and its subclasses (AdamW) use a multi-tensor kernel unless told otherwise.
 
     A step of the default per-tensor Adam costs tens of microseconds per parameter tensor on a
-    CPU, which for a deep flow is a large part of the step; the fused kernel makes the same
-    update in one call. Where it is not available (a device or dtype it does not support) the
-    optimizer is built as asked.
+    CPU, which for a deep flow is a large part of the step. The fused kernel makes the same update
+    in one call; on a CPU it is used only with one torch thread, because with several threads on a
+    busy machine it can be many times slower than the loop it replaces. Otherwise the ``foreach``
+    kernel (a few batched calls, no threading) is used. Where a kernel is not available (a device
+    or dtype it does not support) the optimizer is built as asked.
     """
     fusable = isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Adam)
     if fusable and not {"fused", "foreach"} & set(kwargs):
+        on_cuda = all(p.is_cuda for p in params)
+        kernel = {"fused": True} if on_cuda or torch.get_num_threads() == 1 else {"foreach": True}
         try:
-            return optimizer(params, lr=lr, fused=True, **kwargs)
+            return optimizer(params, lr=lr, **kernel, **kwargs)
         except (RuntimeError, TypeError, ValueError):
             pass
     return optimizer(params, lr=lr, **kwargs)

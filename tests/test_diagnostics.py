@@ -569,3 +569,25 @@ def test_eight_schools_centred_gets_a_worse_verdict_than_noncentred():
     assert verdict_rank(centred.verdict) > verdict_rank(noncentred.verdict)
     # the non-centred fit is also the better one by ELBO
     assert noncentred.elbo > centred.elbo
+
+
+def test_a_guide_without_sample_sites_scores_zeros_of_the_models_dtype():
+    """log q of an empty guide is zero in the model's dtype and device, not torch's default."""
+    from pyro_nf.diagnostics import _draw
+
+    y = torch.tensor([0.3, -1.2, 0.8], dtype=torch.float64)
+
+    def model(y):
+        with pyro.plate("data", 3):
+            pyro.sample("y", dist.Normal(torch.zeros(3, dtype=torch.float64), 1.0), obs=y)
+
+    def guide(y):
+        pass
+
+    draws = _draw(model, guide, (y,), {}, 6, 4)
+    assert draws.log_q.dtype == torch.float64 and draws.log_q.shape == (6,)
+    assert torch.equal(draws.log_q, torch.zeros(6, dtype=torch.float64))
+    exact = dist.Normal(torch.zeros(3, dtype=torch.float64), 1.0).log_prob(y).sum()
+    torch.testing.assert_close(draws.log_p, exact.expand(6))
+    lml = pyro_nf.log_marginal_likelihood(model, guide, y, num_samples=20)
+    assert abs(float(lml) - exact.item()) < 1e-9

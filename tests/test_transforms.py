@@ -280,6 +280,8 @@ def test_bad_constructor_arguments():
         AffineAutoregressive(3, log_scale_min=1.0)
     with pytest.raises(ValueError, match="init_scale"):
         Affine(3, init_scale=-1.0)
+    with pytest.raises(TypeError, match=r"hidden_dims must be a sequence.*\(40,\)"):
+        AffineAutoregressive(3, hidden_dims=40)
 
 
 def test_density_estimation_by_maximum_likelihood():

@@ -141,6 +141,17 @@ def test_fit_rejects_bad_arguments(kwargs):
     assert (name if name != "resume" else "checkpoint") in str(info.value)
 
 
+def test_fit_fast_path_choice_with_unvectorized_particles():
+    guide = pyro_nf.AutoIAFFlow(simple_model, num_transforms=1)
+    with pytest.raises(ValueError, match="vectorize_particles"):
+        fit(simple_model, guide, Y, num_steps=2, num_particles=2, vectorize_particles=False,
+            fast=True, progress=False)  # fmt: skip
+    # one particle needs no vectorizing: fast=True is honoured
+    result = fit(simple_model, guide, Y, num_steps=2, vectorize_particles=False, fast=True,
+                 progress=False)  # fmt: skip
+    assert len(result.losses) == 2
+
+
 def test_fit_refuses_model_and_guide_without_parameters():
     def guide(y):
         pyro.sample("mu", dist.Normal(0.0, 1.0))
@@ -806,15 +817,24 @@ def test_a_tensor_stored_under_two_names_is_stepped_once():
     assert moved <= 0.01 + 1e-6
 
 
-def test_fit_uses_fused_adam_with_the_same_updates():
+def test_fit_uses_a_multi_tensor_adam_with_the_same_updates():
     from pyro_nf.workflow import _make_optimizer
 
     p = [torch.zeros(3, requires_grad=True)]
-    assert _make_optimizer(torch.optim.Adam, p, 0.1, {}).defaults["fused"] is True
-    assert not _make_optimizer(torch.optim.Adam, p, 0.1, {"foreach": False}).defaults["fused"]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # one CPU thread: the fused kernel
+        assert _make_optimizer(torch.optim.Adam, p, 0.1, {}).defaults["fused"] is True
+        torch.set_num_threads(2)  # several: foreach (the fused CPU kernel threads badly)
+        opt = _make_optimizer(torch.optim.AdamW, p, 0.1, {})
+        assert opt.defaults["foreach"] is True and not opt.defaults["fused"]
+    finally:
+        torch.set_num_threads(threads)
+    user = _make_optimizer(torch.optim.Adam, p, 0.1, {"foreach": False})
+    assert not user.defaults["fused"] and user.defaults["foreach"] is False
     assert isinstance(_make_optimizer(torch.optim.SGD, p, 0.1, {}), torch.optim.SGD)
     runs = []
-    for kwargs in (None, {"foreach": False}):  # fused kernel, then the per-tensor loop
+    for kwargs in (None, {"foreach": False}):  # a multi-tensor kernel, then the per-tensor loop
         pyro.clear_param_store()
         guide = AutoNormal(simple_model)
         fit(simple_model, guide, Y, num_steps=30, progress=False, seed=0, optimizer_kwargs=kwargs)

@@ -176,6 +176,11 @@ class AffineAutoregressive(FlowModule):
         activation: Callable[[], nn.Module] = nn.ELU,
     ) -> None:
         super().__init__(dim, context_dim)
+        if isinstance(hidden_dims, int):
+            raise TypeError(
+                f"hidden_dims must be a sequence of layer sizes, e.g. ({hidden_dims},) for one "
+                f"hidden layer of {hidden_dims} units; got the int {hidden_dims}"
+            )
         hidden_dims = tuple(hidden_dims) if hidden_dims is not None else (max(2 * dim, 16),)
         order = torch.arange(dim) if order is None else torch.as_tensor(order, dtype=torch.long)
         if order.shape != (dim,) or not torch.equal(order.sort().values, torch.arange(dim)):
