@@ -209,7 +209,12 @@ def _logmeanexp_and_se(lw: torch.Tensor, dim: int = 0) -> tuple[torch.Tensor, to
 
 
 def psis_verdict(k_hat: float) -> str:
-    """Plain-words reading of a PSIS :math:`\\hat k` (Yao et al. 2018 thresholds)."""
+    """Plain-words reading of a PSIS :math:`\\hat k` (Yao et al. 2018 thresholds).
+
+    Example:
+        >>> [psis_verdict(k).split(":")[0] for k in (0.3, 0.6, 0.9, float("nan"))]
+        ['good', 'use with care', 'do not trust', 'do not trust']
+    """
     if not math.isfinite(k_hat):
         return "do not trust: k-hat could not be estimated (non-finite importance weights)"
     if k_hat < 0.5:
@@ -237,6 +242,16 @@ class Diagnostics:
         num_samples: number of draws.
         log_weights: the raw log importance weights (numpy array).
         verdict: the plain-words reading of ``k_hat``.
+
+    Example:
+        >>> import pyro, pyro.distributions as dist, pyro_nf
+        >>> def model():
+        ...     pyro.sample("x", dist.Normal(0.0, 1.0))
+        >>> def guide():  # a little too wide: every draw is usable
+        ...     pyro.sample("x", dist.Normal(0.0, 1.2))
+        >>> d = pyro_nf.diagnose(model, guide, num_samples=500)
+        >>> d.num_samples, d.log_weights.shape, d.ess_fraction > 0.8, d.iw_elbo >= d.elbo
+        (500, (500,), True, True)
     """
 
     k_hat: float
@@ -251,9 +266,11 @@ class Diagnostics:
 
     @property
     def ess_fraction(self) -> float:
+        """``ess / num_samples``, in (0, 1]."""
         return self.ess / self.num_samples
 
     def as_dict(self) -> dict:
+        """The numbers and the verdict (not the log-weights) as a plain dict."""
         return {
             "k_hat": self.k_hat,
             "ess": self.ess,
@@ -345,6 +362,23 @@ class LogMarginalLikelihood:
         se: its standard error (delta method).
         num_samples: draws per estimate.
         per_datapoint, per_datapoint_se: with ``data_plate``, one estimate per datapoint.
+
+    Example:
+        >>> import pyro, pyro.distributions as dist, torch, pyro_nf
+        >>> def model(x):
+        ...     with pyro.plate("data", len(x)):
+        ...         z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        ...         pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+        >>> def guide(x):  # each datapoint's exact posterior N(x / 2, 1 / 2)
+        ...     with pyro.plate("data", len(x)):
+        ...         pyro.sample("z", dist.Normal(x / 2, 0.5**0.5))
+        >>> x = torch.tensor([0.0, 1.0])
+        >>> est = pyro_nf.log_marginal_likelihood(model, guide, x, num_samples=10, data_plate="data")
+        >>> exact = dist.Normal(0.0, 2**0.5).log_prob(x).double()
+        >>> est.per_datapoint.shape, torch.allclose(est.per_datapoint, exact, atol=1e-5)
+        (torch.Size([2]), True)
+        >>> abs(float(est) - exact.sum().item()) < 1e-5
+        True
     """
 
     value: float

@@ -41,6 +41,16 @@ def init_to_median_or_feasible(site: dict | None = None, num_samples: int = 15) 
     Pyro's :func:`~pyro.infer.autoguide.init_to_median` gives up with ``NotImplementedError`` on
     distributions that cannot be sampled; this falls back to
     :func:`~pyro.infer.autoguide.init_to_feasible` (zero in unconstrained space) there instead.
+    Called without a site, it returns the strategy with the given ``num_samples``.
+
+    Example:
+        >>> import pyro.distributions as dist
+        >>> from pyro.distributions import constraints
+        >>> init_to_median_or_feasible({"fn": dist.ImproperUniform(constraints.positive, (), (2,))})
+        tensor([1., 1.])
+        >>> strategy = init_to_median_or_feasible(num_samples=50)  # for init_loc_fn=strategy
+        >>> strategy({"fn": dist.Normal(3.0, 1e-6)}).round()
+        tensor(3.)
     """
     if site is None:
         return lambda site: init_to_median_or_feasible(site, num_samples)
@@ -71,6 +81,16 @@ class AutoFlow(AutoContinuous):
             :func:`init_to_median_or_feasible`.
         init_scale: initial scale of every unconstrained coordinate, as in ``AutoNormal``.
         **flow_kwargs: passed to :class:`~pyro_nf.Flow` (e.g. ``hidden_dims`` for IAF).
+
+    Example:
+        >>> import pyro, pyro.distributions as dist, torch
+        >>> def model():
+        ...     pyro.sample("x", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        >>> guide = AutoFlow(model, transform="radial", num_transforms=2).setup()
+        >>> fresh = AutoFlow(model, transform="radial", num_transforms=2).setup()
+        >>> _ = fresh.load_state_dict(guide.state_dict())  # parameters exist after setup()
+        >>> guide.get_posterior().log_prob(torch.tensor([3.0, -1.0])).shape  # scores any value
+        torch.Size([])
     """
 
     def __init__(

@@ -26,6 +26,12 @@ def plot_losses(
 
     Returns:
         the axes.
+
+    Example:
+        >>> from pyro_nf import plot_losses
+        >>> ax = plot_losses([5.0, 3.0, 2.2, 2.0, 1.9, 1.9], window=2, label="planar")
+        >>> ax.get_xlabel(), ax.get_ylabel(), [line.get_label() for line in ax.lines][1]
+        ('step', 'loss (-ELBO)', 'planar')
     """
     import matplotlib.pyplot as plt
 
@@ -89,11 +95,21 @@ def plot_posterior(
             dict ``{name: array (draws, ...)}``; vector variables are split into components.
         reference: reference draws in the same form (e.g. long NUTS runs), drawn underneath.
         var_names: variables to show (default: all, up to ``max_vars`` scalar components).
+        max_vars: show at most this many scalar components (the first ones).
         labels: legend labels of the two sets of draws.
         max_points: scatter at most this many draws per panel.
 
     Returns:
         the matplotlib figure.
+
+    Example:
+        >>> import numpy as np
+        >>> from pyro_nf import plot_posterior
+        >>> rng = np.random.default_rng(0)
+        >>> draws = {"mu": rng.normal(size=(500,)), "theta": rng.normal(size=(500, 2))}
+        >>> fig = plot_posterior(draws)  # theta is split into theta[0] and theta[1]
+        >>> [ax.get_xlabel() for ax in fig.axes[-3:]]
+        ['mu', 'theta[0]', 'theta[1]']
     """
     import matplotlib.pyplot as plt
 

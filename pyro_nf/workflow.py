@@ -43,11 +43,40 @@ _CHECKPOINT_FORMAT = "pyro_nf.fit/1"
 
 
 class FitError(RuntimeError):
-    """Raised when a fit cannot go on (too many consecutive non-finite steps)."""
+    """Raised when a fit cannot go on (too many consecutive non-finite steps, or a failing step).
+
+    Example:
+        >>> import pyro, pyro.distributions as dist, pyro_nf
+        >>> def model():  # a finite log-density whose gradient is NaN (sqrt at 0) at every step
+        ...     x = pyro.sample("x", dist.Normal(0.0, 1.0))
+        ...     pyro.factor("kink", (x - x).sqrt())
+        >>> guide = pyro_nf.AutoPlanarFlow(model, num_transforms=1)
+        >>> try:
+        ...     pyro_nf.fit(model, guide, num_steps=100, max_bad_steps=3, progress=False)
+        ... except pyro_nf.FitError as e:
+        ...     print(str(e).split(".")[0])
+        step 2: 3 consecutive non-finite steps, stopping
+    """
 
 
 class CheckpointError(RuntimeError):
-    """Raised when a checkpoint file cannot be read or does not belong to this fit."""
+    """Raised when a checkpoint file cannot be read or does not belong to this fit.
+
+    Example:
+        >>> import os, tempfile, pyro, pyro.distributions as dist, pyro_nf
+        >>> def model():
+        ...     pyro.sample("x", dist.Normal(0.0, 1.0))
+        >>> guide = pyro_nf.AutoPlanarFlow(model, num_transforms=1)
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     path = os.path.join(tmp, "notes.pt")
+        ...     with open(path, "w") as f:
+        ...         _ = f.write("not a checkpoint")
+        ...     try:
+        ...         pyro_nf.fit(model, guide, num_steps=5, progress=False, checkpoint=path, resume=True)
+        ...     except pyro_nf.CheckpointError as e:
+        ...         print("refused:", "not a readable pyro_nf checkpoint" in str(e))
+        refused: True
+    """
 
 
 @dataclass
@@ -62,6 +91,14 @@ class FitResult:
         seconds: wall time of this call (not of earlier resumed parts).
         seconds_per_step: ``seconds`` divided by the steps taken in this call.
         guide: the fitted guide.
+
+    Example:
+        >>> import pyro, pyro.distributions as dist, pyro_nf
+        >>> def model():
+        ...     pyro.sample("x", dist.Normal(0.0, 1.0))
+        >>> result = pyro_nf.fit(model, pyro_nf.AutoRadialFlow(model, 2), num_steps=20, progress=False)
+        >>> result.num_steps, result.stopped, result.losses.shape, result.skipped_steps
+        (20, 'num_steps', (20,), [])
     """
 
     losses: np.ndarray
@@ -201,12 +238,16 @@ def fit(
         num_steps: total number of steps (a resumed fit counts the steps already taken).
         lr: learning rate.
         num_particles: Monte Carlo particles per step (vectorized when ``vectorize_particles``).
+        vectorize_particles: evaluate the particles in one pass through a leading plate (the
+            model must broadcast over it); ``False`` evaluates them one at a time with
+            ``Trace_ELBO``.
         loss: an ELBO instance to use instead of the default below.
         fast: use :class:`~pyro_nf.fast.FastELBO` (same loss as ``Trace_ELBO``, without tracing
             the guide; several times faster for flow guides). ``None`` (default): for pyro_nf flow
             autoguides, falling back to ``Trace_ELBO`` if the model cannot be evaluated that way
             (e.g. does not broadcast over particles); ``True``: required; ``False``: never.
-            Other guides always use ``Trace_ELBO``.
+            Other guides always use ``Trace_ELBO``, and so does ``vectorize_particles=False``
+            (FastELBO always vectorizes).
         optimizer, optimizer_kwargs: a ``torch.optim`` optimizer class and extra arguments.
         lr_schedule: ``None``, ``"exponential"`` (to 1% of ``lr`` at the last step), ``"cosine"``,
             or a callable ``step -> factor`` multiplying ``lr``.

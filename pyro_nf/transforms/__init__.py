@@ -1,14 +1,14 @@
 """Flow layers: each is a bijection of :math:`\\mathbb{R}^D` with an exact inverse and a log-det
 computed in the same pass as the map, usable as a :class:`torch.distributions.Transform`.
 
-=======================  ==============================  ======================================
-layer (owns parameters)  stateless transform              inverse
-=======================  ==============================  ======================================
-:class:`Planar`          :class:`PlanarTransform`         1-D safeguarded Newton solve along w
-:class:`Radial`          :class:`RadialTransform`         closed form
-:class:`AffineAutoregressive`  :class:`AutoregressiveTransform`  D sequential MADE passes
-:class:`Affine`          :class:`AffineTransform`         closed form
-=======================  ==============================  ======================================
+=============================  ==================================  =====================================
+layer (owns parameters)        stateless transform                 inverse
+=============================  ==================================  =====================================
+:class:`Planar`                :class:`PlanarTransform`            1-D safeguarded Newton solve along w
+:class:`Radial`                :class:`RadialTransform`            closed form
+:class:`AffineAutoregressive`  :class:`AutoregressiveTransform`    D sequential MADE passes
+:class:`Affine`                :class:`AffineTransform`            closed form
+=============================  ==================================  =====================================
 """
 
 from .affine import Affine, AffineTransform

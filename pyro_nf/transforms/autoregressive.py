@@ -52,6 +52,20 @@ class MADE(nn.Module):
         order: a permutation of ``range(dim)``; ``order[k]`` is the variable at position ``k``.
         context_dim: size of an optional context added to the first hidden layer.
         activation: the hidden nonlinearity (a module class).
+
+    Example:
+        >>> import torch
+        >>> made = MADE(3, hidden_dims=(8,), order=torch.tensor([2, 0, 1]))  # x_2 first, x_1 last
+        >>> m, a = made(torch.randn(4, 3))
+        >>> m.shape, bool((m == 0).all() and (a == 0).all())  # a fresh MADE outputs zeros
+        (torch.Size([4, 3]), True)
+        >>> with torch.no_grad():
+        ...     _ = made.out.weight.normal_()
+        >>> jac = torch.autograd.functional.jacobian(lambda x: made(x)[0], torch.randn(3))
+        >>> (jac != 0).int()  # row i: the inputs m_i depends on
+        tensor([[0, 0, 1],
+                [1, 0, 1],
+                [0, 0, 0]], dtype=torch.int32)
     """
 
     def __init__(
@@ -105,6 +119,18 @@ class AutoregressiveTransform(FlowTransform):
         conditioner: callable returning the shift ``m`` and the unbounded log-scale ``a`` (each of
             the input's shape), autoregressive in some order.
         log_scale_min, log_scale_max: bounds of the log-scale; ``log_scale_min < 0 < log_scale_max``.
+
+    Example:
+        >>> import torch
+        >>> def conditioner(x):  # m_1 and a_1 depend on x_0; m_0 = a_0 = 0
+        ...     zero = torch.zeros_like(x[..., 0])
+        ...     return torch.stack([zero, x[..., 0]], -1), torch.stack([zero, 0.5 * x[..., 0]], -1)
+        >>> t = AutoregressiveTransform(conditioner)
+        >>> y, ladj = t.call_and_ladj(torch.tensor([1.0, 2.0]))
+        >>> y, ladj  # y_1 = 2 exp(s) + 1 with s = 3 tanh(0.5 / 3), the smoothly bounded 0.5
+        (tensor([1.0000, 4.2824]), tensor(0.4954))
+        >>> t.inv(y)  # two sequential passes
+        tensor([1., 2.])
     """
 
     def __init__(
@@ -151,8 +177,8 @@ class AffineAutoregressive(FlowModule):
         context_dim: size of the context fed into the first hidden layer; 0 for none.
         hidden_dims: MADE hidden sizes; default ``(max(2 * dim, 16),)``.
         order: permutation of ``range(dim)`` giving the autoregressive order; default
-            ``range(dim)``. Stacks alternate it (``reverse=True`` in :class:`pyro_nf.Flow`) so that
-            every coordinate conditions on every other.
+            ``range(dim)``. :class:`pyro_nf.Flow` reverses it on every other layer, so that in a
+            stack of two or more layers every coordinate conditions on every other.
         log_scale_min, log_scale_max: smooth bounds of the log-scale.
         activation: hidden nonlinearity class, default :class:`torch.nn.ELU`.
 

@@ -34,6 +34,20 @@ class FlowTransform(Transform):
     Subclasses implement :meth:`call_and_ladj` and :meth:`_inverse`; they may override
     :meth:`inverse_and_ladj` when the inverse yields the log-det for free. No result is cached:
     ``log_abs_det_jacobian(x, y)`` recomputes from ``x``, and the inverse works on any value.
+
+    Example:
+        >>> import torch
+        >>> class Shift(FlowTransform):  # the smallest subclass: y = x + c
+        ...     def __init__(self, c):
+        ...         super().__init__()
+        ...         self.c = c
+        ...     def call_and_ladj(self, x):
+        ...         return x + self.c, x.new_zeros(x.shape[:-1])
+        ...     def _inverse(self, y):
+        ...         return y - self.c
+        >>> t = Shift(torch.tensor([1.0, -1.0]))
+        >>> t.inv(torch.zeros(2)), t.inverse_and_ladj(torch.zeros(2))[1]
+        (tensor([-1.,  1.]), tensor(0.))
     """
 
     domain = constraints.real_vector
@@ -89,6 +103,14 @@ class FlowModule(TransformModule):
     linear head maps a context of shape ``(..., context_dim)`` to one set of parameters per
     datapoint; call :meth:`condition` to get the transform. The head's weight starts at zero and its
     bias at the free initial value, so a conditioned layer starts at the same map for every context.
+
+    Example:
+        >>> import torch
+        >>> from pyro_nf.transforms import Planar
+        >>> layer = Planar(3, context_dim=5)
+        >>> t = layer.condition(torch.randn(10, 5))  # one set of parameters per datapoint
+        >>> t.w.shape, t(torch.randn(10, 3)).shape
+        (torch.Size([10, 3]), torch.Size([10, 3]))
     """
 
     domain = constraints.real_vector

@@ -139,6 +139,19 @@ class PlanarStackTransform(PlanarTransform):
     ``(..., K, D)`` and ``b`` of shape ``(..., K)``; layer 0 acts first. The constraint and the
     log-dets of all layers are evaluated in one vectorized step each, so a layer costs a handful
     of tensor operations. The numbers equal those of ``K`` separate :class:`PlanarTransform` s.
+
+    Example:
+        >>> import torch
+        >>> g = torch.Generator().manual_seed(0)
+        >>> u, w, b = torch.randn(4, 2, generator=g), torch.randn(4, 2, generator=g), torch.randn(4)
+        >>> x = torch.randn(5, 2, generator=g)
+        >>> y, ladj = x, 0.0
+        >>> for k in range(4):  # four separate layers, layer 0 first
+        ...     y, ladj_k = PlanarTransform(u[k], w[k], b[k]).call_and_ladj(y)
+        ...     ladj = ladj + ladj_k
+        >>> y_stack, ladj_stack = PlanarStackTransform(u, w, b).call_and_ladj(x)
+        >>> torch.allclose(y_stack, y, atol=1e-6), torch.allclose(ladj_stack, ladj, atol=1e-5)
+        (True, True)
     """
 
     def _layer(self, k: int) -> PlanarTransform:
