@@ -247,8 +247,10 @@ def fit(
             autoguides, falling back to ``Trace_ELBO`` if the model cannot be evaluated that way
             (e.g. does not broadcast over particles); ``True``: required; ``False``: never.
             Other guides always use ``Trace_ELBO``, and so does ``vectorize_particles=False``
-            (FastELBO always vectorizes).
+            with more than one particle (FastELBO always vectorizes; ``fast=True`` then raises).
         optimizer, optimizer_kwargs: a ``torch.optim`` optimizer class and extra arguments.
+            Adam and its subclasses get a multi-tensor kernel unless ``optimizer_kwargs`` sets
+            ``fused`` or ``foreach``: fused on CUDA or with one CPU thread, ``foreach`` otherwise.
         lr_schedule: ``None``, ``"exponential"`` (to 1% of ``lr`` at the last step), ``"cosine"``,
             or a callable ``step -> factor`` multiplying ``lr``.
         clip_norm: clip the global gradient norm to this value.
