@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import pyro
+import pyro.distributions as dist
 import torch
 from pyro.infer.autoguide import AutoContinuous, AutoGuide
 from pyro.infer.autoguide.initialization import init_to_median
@@ -24,7 +25,7 @@ from torch import Tensor
 from torch.distributions import biject_to
 
 from .flow import Flow, FlowDistribution
-from .transforms.base import inverse_softplus
+from .transforms.base import ChainTransform, FlowTransform, inverse_softplus
 
 __all__ = [
     "AutoFlow",
@@ -245,10 +246,39 @@ class AutoFlow(AutoContinuous):
             self.__dict__["_flow_slots"] = cached
         return [(key, params[p_name]) for key, params, p_name in cached[2]]
 
-    def get_base_dist(self):
-        raise NotImplementedError(
-            f"{type(self).__name__} is not a TransformedDistribution; use get_posterior()"
-        )
+    def get_base_dist(self) -> dist.Distribution:
+        """The flow's base distribution, :math:`\\mathcal N(0, I_D)` over the latent vector.
+
+        With :meth:`get_transform` it gives the posterior as ``base -> transform``, the form
+        Pyro's :class:`~pyro.infer.reparam.NeuTraReparam` uses to precondition HMC/NUTS with a
+        trained guide (Hoffman et al. 2019).
+        """
+        self._require_setup()
+        raw = self.flow.affine.raw
+        zeros = torch.zeros(self.latent_dim, dtype=raw.dtype, device=raw.device)
+        return dist.Normal(zeros, torch.ones_like(zeros)).to_event(1)
+
+    def get_transform(self, *args, **kwargs) -> FlowTransform:
+        """The whole flow as one transform from :meth:`get_base_dist`'s space to the latent vector.
+
+        A :class:`~pyro_nf.transforms.FlowTransform` (no cache): its inverse and log-det are exact
+        for any value. It does not depend on the model's arguments.
+
+        Example:
+            >>> import pyro, pyro.distributions as dist, torch
+            >>> from pyro.infer.reparam import NeuTraReparam
+            >>> def model():
+            ...     pyro.sample("x", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+            >>> guide = AutoIAFFlow(model, num_transforms=1).setup()
+            >>> t, base = guide.get_transform(), guide.get_base_dist()
+            >>> z = base.sample((3,))
+            >>> torch.allclose(guide.get_posterior().log_prob(t(z)),
+            ...                base.log_prob(z) - t.log_abs_det_jacobian(z, t(z)), atol=1e-5)
+            True
+            >>> neutra = NeuTraReparam(guide)   # Pyro's neural-transport reparameterizer
+        """
+        self._require_setup()
+        return ChainTransform(self._synced_flow().transforms())
 
     def _unconstrained_draws(self, num_samples: int) -> Tensor:
         self._require_setup()

@@ -447,6 +447,84 @@ def test_param_store_save_and_restore(cls, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# 5b. Neural transport: get_base_dist() + get_transform() for Pyro's NeuTraReparam.
+# ---------------------------------------------------------------------------------------------
+def test_neutra_reparam_whitens_the_posterior(conjugate_fit):
+    """Reparameterized by a guide that fits exactly, the model's density is N(0, I) times p(y).
+
+    Pyro's NeuTraReparam maps a base draw z through the guide's transform to every site; the
+    reparameterized model's log density at z is then log p(y, T(z)) + log|det dT/dz|, which equals
+    log N(z; 0, I) + log p(y) when q is the posterior, whatever z is.
+    """
+    from pyro.infer.reparam import NeuTraReparam
+
+    guide, y = conjugate_fit
+    _, _, log_evidence = exact_conjugate_answer(y)
+    neutra = NeuTraReparam(guide)
+    reparam_model = poutine.reparam(conjugate_model, config=lambda _: neutra)
+    base = guide.get_base_dist()
+    assert base.event_shape == (guide.latent_dim,) and base.mean.dtype == F64
+    diffs = []
+    with torch.no_grad():
+        for _ in range(200):
+            trace = poutine.trace(reparam_model).get_trace(y)
+            z = next(s["value"] for n, s in trace.nodes.items() if n.endswith("_shared_latent"))
+            diffs.append(trace.log_prob_sum() - base.log_prob(z))
+    # log p_reparam(z) - log N(z) is the log importance weight log p(y, x) - log q(x), x = T(z):
+    # nearly constant for a guide this close to the posterior, with mean the ELBO <= log p(y)
+    diffs = torch.stack(diffs)
+    se = diffs.std() / math.sqrt(len(diffs))
+    assert diffs.std() < 0.3, diffs.std()
+    assert -3 * se - 0.01 <= log_evidence - diffs.mean() <= max(3 * se, 0.05)
+    with torch.no_grad():
+        elbo = -Trace_ELBO(num_particles=2000, vectorize_particles=True, max_plate_nesting=1).loss(
+            conjugate_model, guide, y
+        )
+    assert abs(diffs.mean().item() - elbo) < 4 * se + 0.01
+    # transform_sample maps base draws to the model's sites, in their supports
+    samples = neutra.transform_sample(base.sample((500,)))
+    assert samples["x"].shape == (500, 3) and (samples["tau"] > 0).all()
+    post_mean, post_sd, _ = exact_conjugate_answer(y)
+    assert ((samples["x"].mean(0) - post_mean).abs() / post_sd).max() < 0.3
+
+
+@parametrize_guides
+def test_get_transform_inverts_exactly_and_needs_setup(cls):
+    x, y = regression_data(F64)
+    guide = make_guide(cls, regression_model)
+    with pytest.raises(RuntimeError, match="setup"):
+        guide.get_transform()
+    guide = _train(guide, regression_model, x, y, steps=30)
+    t = guide.get_transform()
+    z = torch.randn(7, guide.latent_dim, dtype=F64)
+    latent = t(z)
+    torch.testing.assert_close(t.inv(latent), z, atol=1e-8, rtol=1e-8)
+    expected = guide.get_base_dist().log_prob(z) - t.log_abs_det_jacobian(z, latent)
+    torch.testing.assert_close(guide.get_posterior().log_prob(latent), expected)
+
+
+@pytest.mark.slow
+def test_neutra_nuts_on_the_regression_model():
+    from pyro.infer import MCMC, NUTS
+    from pyro.infer.reparam import NeuTraReparam
+
+    x, y = regression_data(F64, n=40)
+    guide = _train(make_guide(AutoIAFFlow, regression_model), regression_model, x, y, steps=800)
+    neutra = NeuTraReparam(guide)
+    mcmc = MCMC(
+        NUTS(poutine.reparam(regression_model, config=lambda _: neutra)),
+        num_samples=300, warmup_steps=200, disable_progbar=True,
+    )  # fmt: skip
+    mcmc.run(x, y)
+    z = next(v for k, v in mcmc.get_samples().items() if k.endswith("_shared_latent"))
+    w = neutra.transform_sample(z)["w"]
+    plain = MCMC(NUTS(regression_model), num_samples=300, warmup_steps=200, disable_progbar=True)
+    plain.run(x, y)
+    w_ref = plain.get_samples()["w"]
+    assert ((w.mean(0) - w_ref.mean(0)).abs() / w_ref.std(0)).max() < 0.3
+
+
+# ---------------------------------------------------------------------------------------------
 # 6. median() and quantiles().
 # ---------------------------------------------------------------------------------------------
 def test_median_and_quantiles_match_the_exact_posterior(conjugate_fit):

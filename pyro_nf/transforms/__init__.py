@@ -13,7 +13,7 @@ layer (owns parameters)        stateless transform                 inverse
 
 from .affine import Affine, AffineTransform
 from .autoregressive import MADE, AffineAutoregressive, AutoregressiveTransform
-from .base import FlowModule, FlowTransform
+from .base import ChainTransform, FlowModule, FlowTransform
 from .planar import Planar, PlanarStackTransform, PlanarTransform
 from .radial import Radial, RadialStackTransform, RadialTransform
 
@@ -22,6 +22,7 @@ __all__ = [
     "AffineAutoregressive",
     "AffineTransform",
     "AutoregressiveTransform",
+    "ChainTransform",
     "FlowModule",
     "FlowTransform",
     "MADE",
