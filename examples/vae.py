@@ -57,8 +57,9 @@ pyro_nf's autoguides use), to show what the order does.
 placed in ``pyro.plate("data", N_train, subsample=idx)``, so each step's ELBO is scaled to the whole
 training set. Early stopping, as in van den Berg et al. (2018): ``--valid-fraction`` (10%) of the
 training digits are held out (binarized once) and their -ELBO is computed after every epoch; a
-posterior stops after ``--patience`` (30) epochs without a better value, at most ``--epochs`` (500),
-and is scored with the parameters of its best epoch (``--patience 0``: train every epoch, keep the
+posterior stops after ``--patience`` (30) epochs without a better value, not before
+``--min-epochs`` (100: a VAE can sit on a posterior-collapse plateau for tens of epochs) and at
+most ``--epochs`` (500), and is scored with the parameters of its best epoch (``--patience 0``: train every epoch, keep the
 last). The posteriors are trained side by side, one epoch each in turn, so every epoch time is
 measured under the same machine load and thread count.
 
@@ -305,13 +306,17 @@ class Run:
     best_state: dict | None = None  # the VAE's parameters at that epoch
     stopped: bool = False  # early stopping ended this run's training
 
-    def keep_if_best(self, patience: int) -> None:
-        """Early stopping on the validation -ELBO: keep the best parameters, stop after patience."""
+    def keep_if_best(self, patience: int, min_epochs: int = 0) -> None:
+        """Early stopping on the validation -ELBO: keep the best parameters, stop after patience.
+
+        Not before ``min_epochs``: a VAE can sit on a posterior-collapse plateau for tens of epochs
+        before it improves again.
+        """
         epoch, value = len(self.valid_elbo), self.valid_elbo[-1]
         if self.best_state is None or value < self.valid_elbo[self.best_epoch - 1]:
             self.best_epoch = epoch
             self.best_state = {k: v.detach().clone() for k, v in self.vae.state_dict().items()}
-        elif epoch - self.best_epoch >= patience:
+        elif epoch - self.best_epoch >= patience and epoch >= min_epochs:
             self.stopped = True
 
     def restore_best(self) -> None:
@@ -554,8 +559,9 @@ def report(results: list[Result], args, device, seconds: float, path: str) -> st
             f"- early stopping: {args.valid_fraction:.0%} of the training digits held out "
             f"(binarized once) as a validation set; after every epoch its -ELBO "
             f"({args.valid_particles} samples per digit); each posterior stops after "
-            f"{args.patience} epochs without a better value (at most {args.epochs}) and is scored "
-            "with the parameters of its best epoch (as in van den Berg et al. 2018)"
+            f"{args.patience} epochs without a better value (not before epoch {args.min_epochs}, "
+            f"at most {args.epochs}) and is scored with the parameters of its best epoch (as in "
+            "van den Berg et al. 2018)"
             if args.patience
             else f"- no early stopping: {args.epochs} epochs, scored with the last parameters"
         ),
@@ -681,7 +687,7 @@ def run_dataset(data_name: str, names: list[str], args, device: torch.device) ->
                 run.valid_elbo.append(test_elbo(run, x_valid, particles=args.valid_particles))
                 run.test_elbo.append(test_elbo(run, x_test, particles=1))
                 if args.patience:
-                    run.keep_if_best(args.patience)
+                    run.keep_if_best(args.patience, args.min_epochs)
         print(
             f"epoch {epoch + 1:3d}  "
             + "  ".join(
@@ -743,6 +749,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=500, help="at most this many epochs")
     parser.add_argument("--patience", type=int, default=30,
                         help="early stopping: stop after this many epochs without a better validation -ELBO and keep the best epoch's parameters (0: train all epochs, keep the last)")  # fmt: skip
+    parser.add_argument("--min-epochs", type=int, default=100, help="early stopping: train at least this many epochs")  # fmt: skip
     parser.add_argument("--valid-fraction", type=float, default=0.1, help="share of the training digits held out for early stopping")  # fmt: skip
     parser.add_argument("--valid-particles", type=int, default=2, help="ELBO samples per validation digit")  # fmt: skip
     parser.add_argument("--digits-epochs", type=int, default=None, help="epochs on digits (default --epochs)")  # fmt: skip
@@ -764,8 +771,8 @@ def main() -> None:
     args = parser.parse_args()
     if not 0.0 < args.valid_fraction < 0.5:
         parser.error(f"--valid-fraction must be in (0, 0.5), got {args.valid_fraction}")
-    if args.patience < 0 or args.epochs < 1 or args.valid_particles < 1:
-        parser.error("--patience must be >= 0, --epochs and --valid-particles >= 1")
+    if min(args.patience, args.min_epochs) < 0 or min(args.epochs, args.valid_particles) < 1:
+        parser.error("--patience and --min-epochs must be >= 0, --epochs and --valid-particles >= 1")
     if args.quick:
         args.datasets, args.epochs, args.digits_epochs, args.iw_samples = ["digits"], 2, None, 50
         args.baseline_epochs = 2
