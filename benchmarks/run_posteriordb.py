@@ -472,7 +472,8 @@ def machine_info(threads: int, jobs: int) -> str:
         rev = ""
     return (
         (f"{rev}; " if rev else "")
-        + f"{cpu}, {os.cpu_count()} cores (shared with other jobs), Python {platform.python_version()}, "
+        + f"{cpu}, {os.cpu_count()} cores (load average {os.getloadavg()[0]:.1f} at the start), "
+        f"Python {platform.python_version()}, "
         f"torch {torch.__version__}, pyro {pyro.__version__}, float64, "
         f"{threads} torch thread per fit, {jobs} fit(s) in parallel"
     )
