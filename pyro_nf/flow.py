@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.distributions import constraints
 
 from .transforms import Affine, AffineAutoregressive, Planar, Radial
-from .transforms.base import FlowModule, FlowTransform, _check_dim, check_context, invert_in_reverse
+from .transforms.base import ChainTransform, FlowModule, FlowTransform, _check_dim, check_context
 
 __all__ = ["Flow", "FlowDistribution", "TRANSFORMS"]
 
@@ -103,11 +103,8 @@ class FlowDistribution(TorchDistribution):
 
     def push_and_log_prob(self, eps: Tensor) -> tuple[Tensor, Tensor]:
         """Push base noise ``eps`` through the layers: ``(z, log q(z))`` in one pass."""
-        z, log_q = eps, self._base_log_prob(eps)
-        for t in self.transforms:
-            z, ladj = t.call_and_ladj(z)
-            log_q = log_q - ladj
-        return z, log_q.expand(eps.shape[:-1])
+        z, ladj = ChainTransform(self.transforms).call_and_ladj(eps)
+        return z, (self._base_log_prob(eps) - ladj).expand(eps.shape[:-1])
 
     def rsample(self, sample_shape: torch.Size | tuple = ()) -> Tensor:
         z, log_q = self.rsample_and_log_prob(sample_shape)
@@ -124,8 +121,8 @@ class FlowDistribution(TorchDistribution):
             return memo[2]
         if self._validate_args:
             self._validate_sample(value)
-        x, ladj_sum = invert_in_reverse(self.transforms, value)
-        log_q = self._base_log_prob(x) - ladj_sum
+        x, ladj = ChainTransform(self.transforms).inverse_and_ladj(value)
+        log_q = self._base_log_prob(x) - ladj
         return log_q.expand(torch.broadcast_shapes(value.shape[:-1], self.batch_shape))
 
 

@@ -108,20 +108,25 @@ class ChainTransform(FlowTransform):
         self.parts = list(parts)
 
     def call_and_ladj(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        ladj = torch.zeros((), dtype=x.dtype, device=x.device)
+        ladj = 0.0
         for t in self.parts:
             x, ladj_t = t.call_and_ladj(x)
             ladj = ladj + ladj_t
-        return x, ladj.expand(x.shape[:-1]) if ladj.dim() == 0 else ladj
+        return x, _as_batch_tensor(ladj, x)
 
     def inverse_and_ladj(self, y: Tensor) -> tuple[Tensor, Tensor]:
         x, ladj = invert_in_reverse(self.parts, y)
-        if not torch.is_tensor(ladj):
-            ladj = torch.zeros(y.shape[:-1], dtype=y.dtype, device=y.device)
-        return x, ladj
+        return x, _as_batch_tensor(ladj, x)
 
     def _inverse(self, y: Tensor) -> Tensor:
         return self.inverse_and_ladj(y)[0]
+
+
+def _as_batch_tensor(ladj: Tensor | float, x: Tensor) -> Tensor:
+    """A summed log-det as a tensor over ``x``'s batch shape (zeros for an empty chain)."""
+    if not torch.is_tensor(ladj):
+        return torch.zeros(x.shape[:-1], dtype=x.dtype, device=x.device)
+    return ladj.expand(x.shape[:-1]) if ladj.dim() == 0 else ladj
 
 
 def _check_dim(dim: int, name: str = "dim") -> int:
