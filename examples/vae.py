@@ -59,8 +59,8 @@ training set. Early stopping, as in van den Berg et al. (2018): ``--valid-fracti
 training digits are held out (binarized once) and their -ELBO is computed after every epoch; a
 posterior stops after ``--patience`` (30) epochs without a better value, not before
 ``--min-epochs`` (100: a VAE can sit on a posterior-collapse plateau for tens of epochs) and at
-most ``--epochs`` (500), and is scored with the parameters of its best epoch (``--patience 0``: train every epoch, keep the
-last). The posteriors are trained side by side, one epoch each in turn, so every epoch time is
+most ``--epochs`` (500), and is scored with the parameters of its best epoch (``--patience 0``:
+train every epoch, keep the last). The posteriors are trained side by side, one epoch each in turn, so every epoch time is
 measured under the same machine load and thread count.
 
 **Evaluation.** Test -ELBO (10 samples per digit) and test -log p(x) by

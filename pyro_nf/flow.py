@@ -137,9 +137,9 @@ class Flow(nn.Module):
     ``flow()`` (or ``flow(h)`` with ``context_dim > 0``) returns a :class:`FlowDistribution` with
     ``event_shape (dim,)`` and ``batch_shape h.shape[:-1]``: base :math:`\\mathcal N(0, I)`, then
     ``num_transforms`` layers of one family, then a learnable elementwise affine layer (before
-    the layers when there is a context, see ``affine_first``). With a context, the affine layer's location and scale and every layer's parameters are produced from
-    ``h`` per datapoint (amortized inference), as in Rezende & Mohamed (2015) and Kingma et al.
-    (2016).
+    the layers when there is a context, see ``affine_first``). With a context, the affine layer's
+    location and scale and every layer's parameters are produced from ``h`` per datapoint
+    (amortized inference), as in Rezende & Mohamed (2015) and Kingma et al. (2016).
 
     Args:
         dim: event size :math:`D`.
