@@ -52,7 +52,9 @@ from posteriors import POSTERIORS, load_posterior  # noqa: E402
 FULL_POSTERIORS = list(POSTERIORS)
 QUICK_POSTERIORS = ["eight_schools-eight_schools_noncentered", "sblrc-blr"]
 PYRO_GUIDES = ["AutoNormal", "AutoMultivariateNormal", "AutoNormalizingFlow", "AutoIAFNormal"]
-PYRO_NF_GUIDES = ["AutoPlanarFlow", "AutoRadialFlow", "AutoIAFFlow"]
+_PYRO_NF_BASE = ["AutoPlanarFlow", "AutoRadialFlow", "AutoIAFFlow"]
+#: "[laplace]": the same guide with precondition="laplace"
+PYRO_NF_GUIDES = _PYRO_NF_BASE + [f"{g}[laplace]" for g in _PYRO_NF_BASE]
 ALL_GUIDES = PYRO_GUIDES + PYRO_NF_GUIDES
 
 
@@ -93,7 +95,10 @@ def guide_config(guide: str, s: Settings) -> str:
         "AutoPlanarFlow": f"num_transforms={s.planar_transforms}, init_scale={s.init_scale}",
         "AutoRadialFlow": f"num_transforms={s.radial_transforms}, init_scale={s.init_scale}",
         "AutoIAFFlow": f"num_transforms={s.iaf_transforms}, hidden_dims=(max(2D, 16),), init_scale={s.init_scale}",
-    }[guide]
+    }.get(guide) or (
+        guide_config(guide.split("[")[0], s) + ', precondition="laplace" (falls back to the '
+        "plain start where no mode is found)"
+    )
 
 
 def latent_dim(model: Callable, data: dict) -> int:
@@ -138,6 +143,9 @@ def _make_guide(guide: str, model: Callable, hidden: int, s: Settings, init: Cal
 
     import pyro_nf
 
+    extra = {}
+    if guide.endswith("[laplace]"):
+        guide, extra = guide[: -len("[laplace]")], {"precondition": "laplace"}
     if guide == "AutoNormal":
         return AutoNormal(model, init_loc_fn=init, init_scale=s.init_scale)
     if guide == "AutoMultivariateNormal":
@@ -148,11 +156,11 @@ def _make_guide(guide: str, model: Callable, hidden: int, s: Settings, init: Cal
         return AutoIAFNormal(model, hidden_dim=[hidden], num_transforms=s.iaf_transforms)
     if guide == "AutoPlanarFlow":
         return pyro_nf.AutoPlanarFlow(
-            model, s.planar_transforms, init_loc_fn=init, init_scale=s.init_scale
+            model, s.planar_transforms, init_loc_fn=init, init_scale=s.init_scale, **extra
         )
     if guide == "AutoRadialFlow":
         return pyro_nf.AutoRadialFlow(
-            model, s.radial_transforms, init_loc_fn=init, init_scale=s.init_scale
+            model, s.radial_transforms, init_loc_fn=init, init_scale=s.init_scale, **extra
         )
     if guide == "AutoIAFFlow":
         return pyro_nf.AutoIAFFlow(
@@ -161,6 +169,7 @@ def _make_guide(guide: str, model: Callable, hidden: int, s: Settings, init: Cal
             hidden_dims=(hidden,),
             init_loc_fn=init,
             init_scale=s.init_scale,
+            **extra,
         )
     raise ValueError(f"unknown guide {guide!r}; known: {', '.join(ALL_GUIDES)}")
 
@@ -254,6 +263,16 @@ def run_one(path: str, posterior: str, guide: str, seed: int, s: Settings) -> di
         pyro.clear_param_store()
         pyro.set_rng_seed(seed)
         g = make_guide(guide, model, latent_dim(model, data), s)
+        t_setup = time.perf_counter()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            g(data)  # set-up (the Laplace search, if any) timed apart from the steps
+        record["setup_seconds"] = time.perf_counter() - t_setup
+        info = getattr(g, "laplace_info", None)
+        if info is not None:
+            record["laplace_used"] = info["used"]
+            record["laplace_reason"] = info["reason"]
+        record["setup_warnings"] = [str(w.message)[:300] for w in caught]
         result = pyro_nf.fit(
             model,
             g,
@@ -332,8 +351,13 @@ def summarize(records: list[dict], posteriors: list[str], guides: list[str]) -> 
                 "elbo",
                 "fit_seconds",
                 "seconds_per_step",
+                "setup_seconds",
             ):
                 row[key] = _mean_se([r.get(key) for r in ok])
+            used = [r["laplace_used"] for r in ok if "laplace_used" in r]
+            row["laplace"] = (sum(used), len(used)) if used else None
+            reasons = {r["laplace_reason"] for r in ok if r.get("laplace_reason")}
+            row["laplace_reasons"] = sorted(reasons)
             if rs and not ok:
                 row["w1"] = (math.inf, math.nan)
                 row["error"] = rs[0].get("error", "")
@@ -507,7 +531,14 @@ def write_report(
             f"{r['machine'].split('; ')[0]})"
             for r in runs
         ],
-        f"- machine: {runs[0]['machine'].split('; ', 1)[-1]}",
+        *(
+            [f"- machine: {runs[0]['machine'].split('; ', 1)[-1]}"]
+            if len({r["machine"].split("; ", 1)[-1] for r in runs}) == 1
+            else [
+                f"- machine of run {i + 1}: {r['machine'].split('; ', 1)[-1]}"
+                for i, r in enumerate(runs)
+            ]  # fmt: skip
+        ),
         f"- total wall time: {sum(r['wall_seconds'] for r in runs) / 60:.1f} min",
         f"- budget, identical for every guide: {s.steps} steps of Adam, lr {s.lr} with a "
         f"{s.lr_schedule} schedule, {s.particles} ELBO particles (vectorized), seeds "
@@ -589,8 +620,9 @@ def write_report(
 
     L += ["## Ranking (by mean W1; rank 1 = best)", ""]
     L += [
-        "| guide | mean rank | wins | geometric mean W1 | median k-hat | k-hat < 0.7 | mean ms/step |",
-        "|---|---|---|---|---|---|---|",
+        "| guide | mean rank | wins | geometric mean W1 | median k-hat | k-hat < 0.7 | mean ms/step "
+        "| mean set-up s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     order = sorted(guides, key=lambda g: np.mean(ranks[g]) if ranks[g] else math.inf)
     for g in order:
@@ -598,19 +630,45 @@ def write_report(
         w = [table[p][g]["w1"][0] for p in done]
         k = [table[p][g]["k_hat"][0] for p in done]
         t = [table[p][g]["seconds_per_step"][0] for p in done]
+        setup = [table[p][g]["setup_seconds"][0] for p in done]
         good = sum(1 for v in k if v < 0.7)
         L.append(
             f"| {guide_label(g)} | {np.mean(ranks[g]) if ranks[g] else math.nan:.2f} | {wins} | "
-            f"{_geomean(w):.3f} | {_nanmedian(k):.2f} | {good}/{len(done)} | {1000 * _nanmean(t):.1f} |"
+            f"{_geomean(w):.3f} | {_nanmedian(k):.2f} | {good}/{len(done)} | {1000 * _nanmean(t):.1f} "
+            f"| {_fmt(_nanmean(setup), math.nan, 2)} |"
         )
     L += [
         "",
         "Wins: posteriors where the guide has the lowest mean W1. Geometric mean over posteriors of "
         "the mean W1 (a failed fit counts as inf); median over posteriors of the mean k-hat; "
         "k-hat < 0.7: posteriors where the mean k-hat is below 0.7; ms/step: mean over posteriors "
-        "(the machine is shared, so timings carry other jobs' load).",
+        "(the machine is shared, so timings carry other jobs' load); set-up s: the guide's first "
+        "call before the steps (for [laplace], the mode search and Hessian), not in ms/step "
+        "(n/a: not recorded by the run that made the fit).",
         "",
     ]
+    laplace = [
+        (p, g, table[p][g]) for p in done for g in guides if table[p][g].get("laplace") is not None
+    ]
+    fell_back = [(p, g, r) for p, g, r in laplace if r["laplace"][0] < r["laplace"][1]]
+    if laplace:
+        L += [
+            "**Laplace preconditioning** ([laplace] guides): the mode was found and used in "
+            f"{sum(r['laplace'][0] for _, _, r in laplace)} of "
+            f"{sum(r['laplace'][1] for _, _, r in laplace)} fits"
+            + (
+                "; it fell back to the plain start on "
+                + "; ".join(
+                    f"{_short(p)} ({guide_label(g)}, {r['laplace'][1] - r['laplace'][0]} of "
+                    f"{r['laplace'][1]}: {', '.join(r['laplace_reasons'])})"
+                    for p, g, r in fell_back
+                )
+                if fell_back
+                else ""
+            )
+            + ".",
+            "",
+        ]
 
     L += ["## Standardized W1 (posterior x guide)", ""]
     L += ["| posterior | " + " | ".join(guide_label(g) for g in guides) + " |"]

@@ -11,11 +11,13 @@ starting distribution (for the same ``init_loc_fn`` and ``init_scale``).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 
 import pyro
 import pyro.distributions as dist
 import torch
+from pyro import poutine
 from pyro.infer.autoguide import AutoContinuous, AutoGuide
 from pyro.infer.autoguide.initialization import init_to_median
 from pyro.infer.autoguide.utils import helpful_support_errors
@@ -81,6 +83,21 @@ class AutoFlow(AutoContinuous):
         init_loc_fn: per-site initialization (see Pyro's autoguide initialization); default
             :func:`init_to_median_or_feasible`.
         init_scale: initial scale of every unconstrained coordinate, as in ``AutoNormal``.
+        precondition: ``None`` (default) or ``"laplace"``. With ``"laplace"``, set-up finds the
+            mode of the log density in unconstrained space (L-BFGS from ``init_loc_fn``'s point,
+            then Newton steps with the exact Hessian) and puts the flow in the whitened
+            coordinates of the Laplace approximation :math:`\\mathcal N(m, H^{-1})`:
+            :math:`z = m + L\\,\\text{flow}(\\varepsilon)` with :math:`LL^\\top = H^{-1}` fixed
+            (:meth:`pyro_nf.Flow.set_preconditioner`) and the flow's own affine base starting at
+            location 0, scale 1. The untrained guide is then the Laplace approximation, and the
+            layers see a posterior with unit scales and no linear correlation, however badly
+            scaled or correlated the model's coordinates are. Where no mode is found (a funnel's
+            log density grows without bound, a flat direction makes the Hessian singular), a
+            warning says why and the guide starts as it would without ``precondition``.
+            :attr:`laplace_info` records what happened. Refused for models that subsample data
+            (the log density would change at every evaluation). Costs up to ``laplace_max_iter``
+            L-BFGS iterations and :math:`D` Hessian rows, once.
+        laplace_max_iter: L-BFGS iteration limit of ``precondition="laplace"``.
         **flow_kwargs: passed to :class:`~pyro_nf.Flow` (e.g. ``hidden_dims`` for IAF).
 
     Example:
@@ -102,10 +119,28 @@ class AutoFlow(AutoContinuous):
         num_transforms: int,
         init_loc_fn: Callable = init_to_median_or_feasible,
         init_scale: float = 0.1,
+        precondition: str | None = None,
+        laplace_max_iter: int = 500,
         **flow_kwargs,
     ) -> None:
         if not isinstance(init_scale, (int, float)) or not 0 < init_scale < float("inf"):
             raise ValueError(f"init_scale must be a positive finite number, got {init_scale!r}")
+        if precondition not in (None, "laplace"):
+            raise ValueError(f"precondition must be None or 'laplace', got {precondition!r}")
+        if (
+            isinstance(laplace_max_iter, bool)
+            or not isinstance(laplace_max_iter, int)
+            or (laplace_max_iter < 1)
+        ):
+            raise ValueError(
+                f"laplace_max_iter must be a positive integer, got {laplace_max_iter!r}"
+            )
+        self._precondition = precondition
+        self._laplace_max_iter = laplace_max_iter
+        #: what ``precondition="laplace"`` did at set-up (``None`` without it): ``used``,
+        #: ``reason`` (why not, if not), ``log_density`` at the mode, ``newton_decrement``,
+        #: ``iterations`` and ``seconds``.
+        self.laplace_info: dict | None = None
         # Build a throw-away flow now so that bad arguments fail here, not at the first SVI step.
         Flow(1, transform, num_transforms, **flow_kwargs)
         self._transform_name = transform
@@ -150,7 +185,52 @@ class AutoFlow(AutoContinuous):
             flow.affine.raw[self.latent_dim :].copy_(
                 inverse_softplus(torch.full_like(loc, self._init_scale))
             )
+        if self._precondition == "laplace":
+            self._check_no_subsampling()
+            mode, tril, info = _laplace(self._log_joint_fn(args, kwargs), loc.detach(),
+                                        self._laplace_max_iter)  # fmt: skip
+            self.laplace_info = info
+            if mode is None:
+                warnings.warn(
+                    f"{type(self).__name__}(precondition='laplace'): {info['reason']}; starting "
+                    "without the preconditioner (init_loc_fn, init_scale)",
+                    stacklevel=4,
+                )
+            else:
+                with torch.no_grad():
+                    flow.affine.raw[: self.latent_dim].zero_()
+                    flow.affine.raw[self.latent_dim :].copy_(inverse_softplus(torch.ones_like(loc)))
+                flow.set_preconditioner(mode, tril)
         self.flow = flow
+
+    def _check_no_subsampling(self) -> None:
+        for name, site in self.prototype_trace.nodes.items():
+            for frame in site.get("cond_indep_stack", ()):
+                if frame.full_size is not None and frame.full_size != frame.size:
+                    raise ValueError(
+                        f"precondition='laplace' needs the full log density, but site {name!r} "
+                        f"is in the subsampled plate {frame.name!r} (size {frame.full_size}, "
+                        f"subsample {frame.size}); drop subsample_size, or use precondition=None"
+                    )
+
+    def _log_joint_fn(self, args, kwargs) -> Callable[[Tensor], Tensor]:
+        """The model's log density in unconstrained space, as a function of the latent vector."""
+        model = self.model
+
+        def log_joint(latent: Tensor) -> Tensor:
+            values, log_jac = {}, 0.0
+            for site, unconstrained in self._unpack_latent(latent):
+                transform = biject_to(site["fn"].support)
+                value = transform(unconstrained)
+                log_jac = log_jac + transform.log_abs_det_jacobian(unconstrained, value).sum()
+                values[site["name"]] = value
+            with poutine.block():
+                trace = poutine.trace(poutine.condition(model, data=values)).get_trace(
+                    *args, **kwargs
+                )
+            return trace.log_prob_sum() + log_jac
+
+        return log_joint
 
     def _check_model(self) -> None:
         name = type(self).__name__
@@ -345,11 +425,14 @@ class AutoPlanarFlow(AutoFlow):
         *,
         init_loc_fn: Callable = init_to_median_or_feasible,
         init_scale: float = 0.1,
+        precondition: str | None = None,
+        laplace_max_iter: int = 500,
         inverse_tol: float | None = None,
     ) -> None:
         super().__init__(
             model, transform="planar", num_transforms=num_transforms, init_loc_fn=init_loc_fn,
-            init_scale=init_scale, inverse_tol=inverse_tol,
+            init_scale=init_scale, precondition=precondition, laplace_max_iter=laplace_max_iter,
+            inverse_tol=inverse_tol,
         )  # fmt: skip
 
 
@@ -374,10 +457,12 @@ class AutoRadialFlow(AutoFlow):
         *,
         init_loc_fn: Callable = init_to_median_or_feasible,
         init_scale: float = 0.1,
+        precondition: str | None = None,
+        laplace_max_iter: int = 500,
     ) -> None:
         super().__init__(
             model, transform="radial", num_transforms=num_transforms, init_loc_fn=init_loc_fn,
-            init_scale=init_scale,
+            init_scale=init_scale, precondition=precondition, laplace_max_iter=laplace_max_iter,
         )  # fmt: skip
 
 
@@ -408,11 +493,126 @@ class AutoIAFFlow(AutoFlow):
         hidden_dims: Sequence[int] | None = None,
         init_loc_fn: Callable = init_to_median_or_feasible,
         init_scale: float = 0.1,
+        precondition: str | None = None,
+        laplace_max_iter: int = 500,
         log_scale_min: float = -5.0,
         log_scale_max: float = 3.0,
     ) -> None:
         super().__init__(
             model, transform="iaf", num_transforms=num_transforms, init_loc_fn=init_loc_fn,
-            init_scale=init_scale, hidden_dims=hidden_dims, log_scale_min=log_scale_min,
-            log_scale_max=log_scale_max,
+            init_scale=init_scale, precondition=precondition, laplace_max_iter=laplace_max_iter,
+            hidden_dims=hidden_dims, log_scale_min=log_scale_min, log_scale_max=log_scale_max,
         )  # fmt: skip
+
+
+def _first_line(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"
+
+
+def _laplace(
+    log_joint: Callable[[Tensor], Tensor], start: Tensor, max_iter: int, tol: float = 1e-3
+) -> tuple[Tensor | None, Tensor | None, dict]:
+    """Mode and Cholesky factor of the inverse Hessian of ``log_joint``, or ``None`` and why.
+
+    L-BFGS (strong-Wolfe line search) from ``start``, then damped Newton steps with the exact
+    Hessian. The mode is accepted when the Hessian of ``-log_joint`` is positive definite and the
+    Newton decrement :math:`g^\\top H^{-1} g` (twice the log-density still to gain by a Newton
+    step, whatever the coordinates' scales) is below ``tol``.
+    """
+    import time
+
+    t0 = time.perf_counter()
+    info: dict = {"used": False, "reason": None, "log_density": None, "newton_decrement": None,
+                  "iterations": 0, "seconds": None}  # fmt: skip
+
+    def finish(mode, tril, reason=None):
+        info["seconds"] = time.perf_counter() - t0
+        info["reason"] = reason
+        info["used"] = mode is not None
+        return mode, tril, info
+
+    def neg(u: Tensor) -> Tensor:
+        return -log_joint(u)
+
+    u = start.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        if not torch.isfinite(neg(u)):
+            return finish(None, None, "the log density is not finite at init_loc_fn's point")
+        opt = torch.optim.LBFGS(
+            [u], lr=1.0, max_iter=max_iter, max_eval=max_iter * 5 // 4, history_size=50,
+            tolerance_grad=1e-10, tolerance_change=1e-14, line_search_fn="strong_wolfe",
+        )  # fmt: skip
+
+        def closure():
+            opt.zero_grad()
+            try:
+                loss = neg(u)
+            except (ValueError, RuntimeError):  # a step outside the model's valid region
+                loss = None
+            if loss is None or not torch.isfinite(loss):
+                # a huge finite value with zero gradient: the line search backtracks from it
+                u.grad = torch.zeros_like(u)
+                return torch.tensor(1e300 if u.dtype == torch.float64 else 1e30)
+            loss.backward()
+            return loss
+
+        try:
+            opt.step(closure)
+        except (ValueError, RuntimeError) as e:
+            return finish(None, None, f"the mode search failed ({_first_line(e)})")
+        info["iterations"] = opt.state[opt._params[0]].get("n_iter", 0)
+        x = u.detach()
+        if not torch.isfinite(x).all():
+            return finish(None, None, "the mode search diverged (non-finite latent values)")
+        decrement = float("inf")
+        for i in range(20):  # damped Newton polish: exact on a Gaussian posterior
+            xg = x.clone().requires_grad_(True)
+            try:
+                f = neg(xg)
+                (g,) = torch.autograd.grad(f, xg)
+                hess = torch.autograd.functional.hessian(neg, x)
+            except (ValueError, RuntimeError) as e:
+                return finish(None, None, f"the log density failed where the mode search ended "
+                              f"({_first_line(e)})")  # fmt: skip
+            if not (torch.isfinite(f) and torch.isfinite(g).all() and torch.isfinite(hess).all()):
+                return finish(None, None, "the log density or its derivatives are not finite "
+                              "where the mode search ended (no finite mode?)")  # fmt: skip
+            h64 = 0.5 * (hess + hess.T).double()
+            chol, err = torch.linalg.cholesky_ex(h64)
+            if err:
+                return finish(
+                    None,
+                    None,
+                    "the Hessian is not positive definite where the mode "
+                    "search ended (a flat or unbounded direction, e.g. a funnel)",
+                )
+            step = torch.cholesky_solve(g.double().unsqueeze(-1), chol).squeeze(-1)
+            decrement = float(g.double() @ step)
+            if decrement < tol * 1e-3 or i == 19:
+                break
+            t, f0 = 1.0, float(f.detach())
+            for _ in range(30):
+                cand = x - t * step.to(x.dtype)
+                try:
+                    with torch.no_grad():
+                        fc = float(neg(cand))
+                except (ValueError, RuntimeError):
+                    fc = float("nan")
+                if fc == fc and fc <= f0:
+                    break
+                t *= 0.5
+            else:
+                break
+            x = cand
+        info["newton_decrement"] = decrement
+        info["log_density"] = -float(f.detach())
+    if not decrement < tol:
+        return finish(None, None, f"no mode found: the Newton decrement is {decrement:.3g} "
+                      f"after {info['iterations']} L-BFGS iterations (the log density may "
+                      "grow without bound, e.g. a funnel)")  # fmt: skip
+    cov = torch.cholesky_inverse(chol)
+    tril, err = torch.linalg.cholesky_ex(0.5 * (cov + cov.T))
+    if err or not torch.isfinite(tril).all():
+        return finish(None, None, "the inverse Hessian is numerically singular")
+    return finish(x.detach(), tril.to(dtype=start.dtype), None)

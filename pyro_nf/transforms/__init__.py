@@ -8,10 +8,11 @@ layer (owns parameters)        stateless transform                 inverse
 :class:`Radial`                :class:`RadialTransform`            closed form
 :class:`AffineAutoregressive`  :class:`AutoregressiveTransform`    D sequential MADE passes
 :class:`Affine`                :class:`AffineTransform`            closed form
+(fixed preconditioner)         :class:`TriangularAffineTransform`  triangular solve
 =============================  ==================================  =====================================
 """
 
-from .affine import Affine, AffineTransform
+from .affine import Affine, AffineTransform, TriangularAffineTransform
 from .autoregressive import MADE, AffineAutoregressive, AutoregressiveTransform
 from .base import ChainTransform, FlowModule, FlowTransform
 from .planar import Planar, PlanarStackTransform, PlanarTransform
@@ -32,4 +33,5 @@ __all__ = [
     "Radial",
     "RadialStackTransform",
     "RadialTransform",
+    "TriangularAffineTransform",
 ]

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .base import FlowModule, FlowTransform, inverse_softplus
 
-__all__ = ["Affine", "AffineTransform"]
+__all__ = ["Affine", "AffineTransform", "TriangularAffineTransform"]
 
 
 class AffineTransform(FlowTransform):
@@ -48,6 +48,59 @@ class AffineTransform(FlowTransform):
 
     def _inverse(self, y: Tensor) -> Tensor:
         return (y - self.loc) / self.scale
+
+
+class TriangularAffineTransform(FlowTransform):
+    """Stateless full-rank affine map :math:`y = \\mu + L x`, :math:`L` lower-triangular.
+
+    .. math::
+        \\log|\\det J| = \\sum_i \\log L_{ii}, \\qquad x = L^{-1}(y - \\mu)
+        \\text{ (a triangular solve)}.
+
+    It maps a standard Normal to :math:`\\mathcal N(\\mu, L L^\\top)`. The flow guides use it, with
+    :math:`L` fixed, as the preconditioner of ``precondition="laplace"``
+    (:meth:`pyro_nf.Flow.set_preconditioner`).
+
+    Args:
+        loc: :math:`\\mu`, shape ``(..., D)``.
+        scale_tril: :math:`L`, shape ``(..., D, D)``, lower-triangular with a positive diagonal
+            (only the lower triangle is read).
+
+    Example:
+        >>> import torch
+        >>> L = torch.tensor([[2.0, 0.0], [1.0, 0.5]])
+        >>> t = TriangularAffineTransform(torch.zeros(2), L)
+        >>> y = t(torch.tensor([1.0, 1.0]))
+        >>> y, t.inv(y), t.log_abs_det_jacobian(None, y)
+        (tensor([2.0000, 1.5000]), tensor([1., 1.]), tensor(0.))
+    """
+
+    def __init__(self, loc: Tensor, scale_tril: Tensor) -> None:
+        super().__init__()
+        self.loc = loc
+        self.scale_tril = scale_tril.tril()
+
+    def _ladj(self, batch_shape: torch.Size) -> Tensor:
+        ladj = self.scale_tril.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+        return ladj.expand(batch_shape)
+
+    def call_and_ladj(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        y = self.loc + (self.scale_tril @ x.unsqueeze(-1)).squeeze(-1)
+        return y, self._ladj(y.shape[:-1])
+
+    def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
+        # constant in x: nothing to recompute (x may be None)
+        ref = y if y is not None else x
+        return self._ladj(ref.shape[:-1] if ref is not None else torch.Size())
+
+    def _inverse(self, y: Tensor) -> Tensor:
+        diff = (y - self.loc).unsqueeze(-1)
+        tril = self.scale_tril.expand(diff.shape[:-2] + self.scale_tril.shape[-2:])
+        return torch.linalg.solve_triangular(tril, diff, upper=False).squeeze(-1)
+
+    def inverse_and_ladj(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        x = self._inverse(y)
+        return x, self._ladj(x.shape[:-1])
 
 
 class Affine(FlowModule):
