@@ -51,10 +51,19 @@ from posteriors import POSTERIORS, load_posterior  # noqa: E402
 
 FULL_POSTERIORS = list(POSTERIORS)
 QUICK_POSTERIORS = ["eight_schools-eight_schools_noncentered", "sblrc-blr"]
-PYRO_GUIDES = ["AutoNormal", "AutoMultivariateNormal", "AutoNormalizingFlow", "AutoIAFNormal"]
+PYRO_GUIDES = [
+    "AutoNormal",
+    "AutoMultivariateNormal",
+    "AutoNormalizingFlow",
+    "AutoIAFNormal",
+    "AutoLaplaceApproximation",
+]
 _PYRO_NF_BASE = ["AutoPlanarFlow", "AutoRadialFlow", "AutoIAFFlow"]
 #: "[laplace]": the same guide with precondition="laplace"
-PYRO_NF_GUIDES = _PYRO_NF_BASE + [f"{g}[laplace]" for g in _PYRO_NF_BASE]
+#: "[laplace-untrained]": no step at all, the Laplace start itself (what the flow adds to it)
+PYRO_NF_GUIDES = (
+    _PYRO_NF_BASE + [f"{g}[laplace]" for g in _PYRO_NF_BASE] + ["AutoIAFFlow[laplace-untrained]"]
+)
 ALL_GUIDES = PYRO_GUIDES + PYRO_NF_GUIDES
 
 
@@ -92,6 +101,11 @@ def guide_config(guide: str, s: Settings) -> str:
         "AutoMultivariateNormal": f"init_to_median_or_feasible, init_scale={s.init_scale}",
         "AutoNormalizingFlow": f"iterated({s.planar_transforms}, planar), base N(0, I)",
         "AutoIAFNormal": f"num_transforms={s.iaf_transforms}, hidden_dim=[max(2D, 16)], base N(0, I)",
+        "AutoLaplaceApproximation": "init_to_median_or_feasible; MAP by the same Adam steps, then "
+        "`laplace_approximation()` (an AutoMultivariateNormal at the MAP, covariance from the "
+        "Hessian) is scored",
+        "AutoIAFFlow[laplace-untrained]": 'AutoIAFFlow as above with precondition="laplace" and '
+        "no training step: the Laplace approximation found at set-up, scored as it is",
         "AutoPlanarFlow": f"num_transforms={s.planar_transforms}, init_scale={s.init_scale}",
         "AutoRadialFlow": f"num_transforms={s.radial_transforms}, init_scale={s.init_scale}",
         "AutoIAFFlow": f"num_transforms={s.iaf_transforms}, hidden_dims=(max(2D, 16),), init_scale={s.init_scale}",
@@ -136,6 +150,7 @@ def _make_guide(guide: str, model: Callable, hidden: int, s: Settings, init: Cal
     from pyro.distributions.transforms import iterated, planar
     from pyro.infer.autoguide import (
         AutoIAFNormal,
+        AutoLaplaceApproximation,
         AutoMultivariateNormal,
         AutoNormal,
         AutoNormalizingFlow,
@@ -144,12 +159,14 @@ def _make_guide(guide: str, model: Callable, hidden: int, s: Settings, init: Cal
     import pyro_nf
 
     extra = {}
-    if guide.endswith("[laplace]"):
-        guide, extra = guide[: -len("[laplace]")], {"precondition": "laplace"}
+    if guide.endswith("]"):  # "[laplace]", "[laplace-untrained]"
+        guide, extra = guide.split("[")[0], {"precondition": "laplace"}
     if guide == "AutoNormal":
         return AutoNormal(model, init_loc_fn=init, init_scale=s.init_scale)
     if guide == "AutoMultivariateNormal":
         return AutoMultivariateNormal(model, init_loc_fn=init, init_scale=s.init_scale)
+    if guide == "AutoLaplaceApproximation":
+        return AutoLaplaceApproximation(model, init_loc_fn=init)
     if guide == "AutoNormalizingFlow":
         return AutoNormalizingFlow(model, functools.partial(iterated, s.planar_transforms, planar))
     if guide == "AutoIAFNormal":
@@ -273,25 +290,30 @@ def run_one(path: str, posterior: str, guide: str, seed: int, s: Settings) -> di
             record["laplace_used"] = info["used"]
             record["laplace_reason"] = info["reason"]
         record["setup_warnings"] = [str(w.message)[:300] for w in caught]
-        result = pyro_nf.fit(
-            model,
-            g,
-            data,
-            num_steps=s.steps,
-            lr=s.lr,
-            lr_schedule=None if s.lr_schedule == "none" else s.lr_schedule,
-            num_particles=s.particles,
-            optimizer=Adam,
-            fast=None if s.fast else False,
-            seed=seed,
-            progress=False,
-        )
-        record.update(
-            fit_seconds=result.seconds,
-            seconds_per_step=result.seconds_per_step,
-            skipped_steps=len(result.skipped_steps),
-            final_loss=result.final_loss,
-        )
+        if guide.endswith("untrained]"):  # the set-up's Laplace start, scored as it is
+            record.update(fit_seconds=0.0, seconds_per_step=None, skipped_steps=0)
+        else:
+            result = pyro_nf.fit(
+                model,
+                g,
+                data,
+                num_steps=s.steps,
+                lr=s.lr,
+                lr_schedule=None if s.lr_schedule == "none" else s.lr_schedule,
+                num_particles=s.particles,
+                optimizer=Adam,
+                fast=None if s.fast else False,
+                seed=seed,
+                progress=False,
+            )
+            record.update(
+                fit_seconds=result.seconds,
+                seconds_per_step=result.seconds_per_step,
+                skipped_steps=len(result.skipped_steps),
+                final_loss=result.final_loss,
+            )
+        if guide == "AutoLaplaceApproximation":  # Pyro's recipe: the MAP, then the Laplace guide
+            g = g.laplace_approximation(data)
         pyro.set_rng_seed(10_000 + seed)
         d = pyro_nf.diagnose(model, g, data, num_samples=s.elbo_samples)
         record.update(k_hat=d.k_hat, elbo=d.elbo, elbo_se=d.elbo_se, iw_elbo=d.iw_elbo)

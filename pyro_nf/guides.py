@@ -186,7 +186,7 @@ class AutoFlow(AutoContinuous):
                 inverse_softplus(torch.full_like(loc, self._init_scale))
             )
         if self._precondition == "laplace":
-            self._check_no_subsampling()
+            self._check_no_subsampling(args, kwargs)
             mode, tril, info = _laplace(self._log_joint_fn(args, kwargs), loc.detach(),
                                         self._laplace_max_iter)  # fmt: skip
             self.laplace_info = info
@@ -203,9 +203,19 @@ class AutoFlow(AutoContinuous):
                 flow.set_preconditioner(mode, tril)
         self.flow = flow
 
-    def _check_no_subsampling(self) -> None:
-        for name, site in self.prototype_trace.nodes.items():
-            for frame in site.get("cond_indep_stack", ()):
+    def _check_no_subsampling(self, args, kwargs) -> None:
+        # The prototype trace hides observed sites: trace the whole model at the initial values.
+        values = {
+            name: site["value"] for name, site in self.prototype_trace.iter_stochastic_nodes()
+        }
+        with torch.no_grad(), poutine.block():
+            trace = poutine.trace(poutine.condition(self.model, data=values)).get_trace(
+                *args, **kwargs
+            )
+        for name, site in trace.nodes.items():
+            if site["type"] != "sample":
+                continue
+            for frame in site["cond_indep_stack"]:
                 if frame.full_size is not None and frame.full_size != frame.size:
                     raise ValueError(
                         f"precondition='laplace' needs the full log density, but site {name!r} "
