@@ -481,8 +481,18 @@ def must_show(summary: dict, posteriors: list[str]) -> list[str]:
         lines.append(
             f"- Centred eight schools: pyro_nf's best guide ({guide_label(g)}) has k-hat "
             f"{k_nf:.2f}; Pyro's guides: "
-            + ", ".join(f"{h} {k:.2f}" for h, k in pyro_k.items())
-            + f" -> **{'lower than every Pyro guide' if beats else 'NOT lower than every Pyro guide'}**."
+            + ", ".join(
+                f"{h} {k:.2f}" if not math.isnan(k) else f"{h} failed (no k-hat)"
+                for h, k in pyro_k.items()
+            )
+            + f" -> **{'lower than every Pyro guide' if beats else 'NOT lower than every Pyro guide'}**"
+            + (
+                f" (the differences are within noise: s.e. of pyro_nf's {se_nf:.2f})"
+                if (se_nf := table[cp][g]["k_hat"][1]) == se_nf
+                and any(abs(k - k_nf) < 2 * se_nf for k in pyro_k.values() if k == k)
+                else ""
+            )
+            + "."
         )
     else:
         lines.append("- Centred eight schools: not run.")
@@ -656,7 +666,8 @@ def write_report(
         good = sum(1 for v in k if v < 0.7)
         L.append(
             f"| {guide_label(g)} | {np.mean(ranks[g]) if ranks[g] else math.nan:.2f} | {wins} | "
-            f"{_geomean(w):.3f} | {_nanmedian(k):.2f} | {good}/{len(done)} | {1000 * _nanmean(t):.1f} "
+            f"{_geomean(w):.3f} | {_nanmedian(k):.2f} | {good}/{len(done)} | "
+            f"{_fmt(1000 * _nanmean(t), math.nan, 1)} "
             f"| {_fmt(_nanmean(setup), math.nan, 2)} |"
         )
     L += [
