@@ -41,8 +41,7 @@ class _MaskedLinear(nn.Linear):
 
 
 class MADE(nn.Module):
-    """Masked autoencoder (Germain et al. 2015) returning ``num_outputs`` tensors of shape ``(..., D)``
-    (``(m, a)`` by default).
+    """Masked autoencoder (Germain et al. 2015) returning ``(m, a)``, each shape ``(..., D)``.
 
     Output ``i`` depends only on inputs that come before ``i`` in ``order``. The output layer starts
     at zero, so a fresh network returns ``m = 0, a = 0``.
@@ -53,7 +52,6 @@ class MADE(nn.Module):
         order: a permutation of ``range(dim)``; ``order[k]`` is the variable at position ``k``.
         context_dim: size of an optional context added to the first hidden layer.
         activation: the hidden nonlinearity (a module class).
-        num_outputs: outputs per variable (2 for an affine layer, ``3K - 1`` for a spline).
 
     Example:
         >>> import torch
@@ -77,7 +75,6 @@ class MADE(nn.Module):
         order: Tensor,
         context_dim: int = 0,
         activation: Callable[[], nn.Module] = nn.ELU,
-        num_outputs: int = 2,
     ) -> None:
         super().__init__()
         if len(hidden_dims) == 0 or any(int(h) < 1 for h in hidden_dims):
@@ -94,8 +91,7 @@ class MADE(nn.Module):
             layers.append(_MaskedLinear(deg_h[:, None] >= degrees[-1][None, :]))
             degrees.append(deg_h)
         self.hidden = nn.ModuleList(layers)
-        self.num_outputs = num_outputs
-        deg_out = deg_in.repeat(num_outputs)
+        deg_out = deg_in.repeat(2)
         self.out = _MaskedLinear(deg_out[:, None] > degrees[-1][None, :])
         with torch.no_grad():
             self.out.weight.zero_()
@@ -105,19 +101,15 @@ class MADE(nn.Module):
         )
         self.activation = activation()
 
-    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, ...]:
-        out = self.raw(x, context)
-        return tuple(out.split(self.dim, -1))
-
-    def raw(self, x: Tensor, context: Tensor | None = None) -> Tensor:
-        """All outputs, ``(..., num_outputs * D)``: output block ``j`` is ``[j * D, (j + 1) * D)``."""
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         h = self.hidden[0](x)
         if self.context is not None:
             h = h + self.context(context)
         h = self.activation(h)
         for layer in self.hidden[1:]:
             h = self.activation(layer(h))
-        return self.out(h)
+        out = self.out(h)
+        return out[..., : self.dim], out[..., self.dim :]
 
 
 class AutoregressiveTransform(FlowTransform):
