@@ -140,6 +140,13 @@ def _draw(
                 zeros = torch.zeros(n) if other is None else torch.zeros_like(other)
                 log_q = zeros if log_q is None else log_q
                 log_p = zeros if log_p is None else log_p
+            expected = (n,) if keep_dim is None else (n, log_p.shape[-1])
+            if log_p.shape != expected or log_q.shape != log_p.shape:
+                # e.g. a model whose sites broadcast against the draws plate in the wrong dims
+                raise ValueError(
+                    f"per-draw log densities have shapes {tuple(log_p.shape)} (model) and "
+                    f"{tuple(log_q.shape)} (guide), expected {expected}"
+                )
             values = {}
             if keep_values:
                 for name, proto in sites.items():

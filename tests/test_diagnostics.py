@@ -35,7 +35,7 @@ from pyro_nf import (  # noqa: E402
 )
 from pyro_nf.models import eight_schools_centered, eight_schools_data, eight_schools_noncentered  # noqa: E402
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 VERDICTS = ["good", "use with care", "do not trust"]
 
@@ -591,3 +591,28 @@ def test_a_guide_without_sample_sites_scores_zeros_of_the_models_dtype():
     torch.testing.assert_close(draws.log_p, exact.expand(6))
     lml = pyro_nf.log_marginal_likelihood(model, guide, y, num_samples=20)
     assert abs(float(lml) - exact.item()) < 1e-9
+
+
+def test_model_that_broadcasts_wrongly_is_drawn_one_at_a_time():
+    """A model whose values broadcast against the draws plate in the wrong dimension would give
+    (n, n) log weights when vectorized; diagnose falls back to one draw at a time, with a
+    warning, and gets the answer of vectorize=False."""
+    x = torch.linspace(-1.0, 1.0, 6)
+
+    def model():
+        coef = pyro.sample("coef", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        with pyro.plate("data", 6):
+            # [..., :1] keeps a dimension that a vectorized draw pushes left of the data plate
+            pyro.sample("y", dist.Normal(coef[..., :1] + coef[..., 1:] * x, 1.0), obs=x)
+
+    pyro.clear_param_store()
+    guide = AutoNormal(model)
+    guide()
+    pyro.set_rng_seed(0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        d = pyro_nf.diagnose(model, guide, num_samples=400)
+    assert any("did not vectorize" in str(w.message) for w in caught)
+    ref = pyro_nf.diagnose(model, guide, num_samples=400, vectorize=False)
+    assert abs(d.elbo - ref.elbo) < 4 * math.hypot(d.elbo_se, ref.elbo_se)
+    assert math.isfinite(d.k_hat)

@@ -20,7 +20,7 @@ from pyro.infer import Predictive, Trace_ELBO
 from torch.autograd.functional import jacobian
 
 import pyro_nf
-from pyro_nf import AutoIAFFlow, AutoPlanarFlow, AutoRadialFlow, Flow, FastELBO
+from pyro_nf import AutoIAFFlow, AutoPlanarFlow, AutoRadialFlow, FastELBO, Flow
 from pyro_nf.transforms import TriangularAffineTransform
 
 F64 = torch.float64
@@ -181,7 +181,9 @@ def test_untrained_guide_is_the_exact_gaussian_posterior(cls):
     assert abs(d.elbo - float(log_evidence)) < 1e-6
     assert d.ess > 499
     torch.manual_seed(0)
-    loss = Trace_ELBO(num_particles=10, vectorize_particles=True).loss(regression_model, guide, x, y)
+    loss = Trace_ELBO(num_particles=10, vectorize_particles=True).loss(
+        regression_model, guide, x, y
+    )
     assert abs(-loss - float(log_evidence)) < 1e-6
     fast = FastELBO(num_particles=10).loss(regression_model, guide, x, y)
     assert abs(-fast - float(log_evidence)) < 1e-6

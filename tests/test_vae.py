@@ -20,7 +20,7 @@ from torch import nn
 import pyro_nf
 from pyro_nf import Flow
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 D, H, P = 2, 6, 5  # latent, context and data sizes
 # (id, transform, K): K = 0 is the amortized diagonal Normal (the VAE's usual posterior)

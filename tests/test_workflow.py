@@ -26,7 +26,7 @@ from pyro.infer.autoguide import AutoNormal  # noqa: E402
 import pyro_nf  # noqa: E402
 from pyro_nf import CheckpointError, FitError, FitResult, fit  # noqa: E402
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 Y = torch.tensor([0.5, 1.2, -0.3, 0.8, 2.1, 0.4])
 
