@@ -300,3 +300,30 @@ def test_subsampled_model_is_refused():
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         AutoPlanarFlow(regression_model, **kwargs)
+
+
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[
+            pytest.mark.cuda,
+            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+        ],
+    ),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_preconditioner_follows_the_model_device(device):
+    x, y = regression_data()
+    x, y = x.to(device), y.to(device)
+    mean, cov, log_evidence = exact_answer(x.cpu(), y.cpu())
+    guide = AutoIAFFlow(regression_model, **SMALL[AutoIAFFlow], precondition="laplace")
+    setup_quietly(guide, x, y)
+    assert guide.laplace_info["used"]
+    assert guide.flow.precond_tril.device.type == device
+    assert torch.allclose(guide.flow.precond_loc.cpu(), mean, rtol=1e-6, atol=1e-8)
+    d = pyro_nf.diagnose(regression_model, guide, x, y, num_samples=200)
+    assert abs(d.elbo - float(log_evidence)) < 1e-6
+    assert guide(x, y)["coef"].device.type == device
