@@ -61,7 +61,11 @@ posterior stops after ``--patience`` (30) epochs without a better value, not bef
 ``--min-epochs`` (100: a VAE can sit on a posterior-collapse plateau for tens of epochs) and at
 most ``--epochs`` (500), and is scored with the parameters of its best epoch (``--patience 0``:
 train every epoch, keep the last). The posteriors are trained side by side, one epoch each in turn, so every epoch time is
-measured under the same machine load and thread count.
+measured under the same machine load and thread count. They draw their training noise from
+torch's one global stream, so a posterior's result depends on which others are in the run;
+``--own-noise`` gives each its own stream (seeded from ``--train-seed`` and its name), which
+makes its result independent of the others. ``--train-seed`` (default ``--seed``) sets the
+initial weights, batch order and that stream, ``--seed`` the data split.
 
 **Evaluation.** Test -ELBO (10 samples per digit) and test -log p(x) by
 :func:`pyro_nf.log_marginal_likelihood` (importance weighting with ``--iw-samples`` draws per digit,
@@ -78,6 +82,7 @@ weighted autoencoders*.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import math
 import os
@@ -87,6 +92,7 @@ import statistics
 import subprocess
 import sys
 import time
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -305,6 +311,8 @@ class Run:
     best_epoch: int = 0  # 1-based epoch with the lowest validation -ELBO so far
     best_state: dict | None = None  # the VAE's parameters at that epoch
     stopped: bool = False  # early stopping ended this run's training
+    rng_state: torch.Tensor | None = None  # the run's own noise stream (--own-noise)
+    cuda_rng_state: torch.Tensor | None = None
 
     def keep_if_best(self, patience: int, min_epochs: int = 0) -> None:
         """Early stopping on the validation -ELBO: keep the best parameters, stop after patience.
@@ -335,12 +343,49 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def train_seed(args) -> int:
+    """The seed of the weights, batch order and (with ``--own-noise``) training noise."""
+    return args.seed if getattr(args, "train_seed", None) is None else args.train_seed
+
+
 def make_run(name: str, data: Data, args, device: torch.device) -> Run:
-    torch.manual_seed(args.seed)  # same encoder/decoder start for every posterior
+    seed = train_seed(args)
+    torch.manual_seed(seed)  # same encoder/decoder start for every posterior
     vae = VAE(name, data.train.shape[1]).to(device)
     elbo = Trace_ELBO(max_plate_nesting=1)
     svi = SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": args.lr}), elbo)
-    return Run(name, vae, svi, torch.Generator().manual_seed(args.seed + 2))
+    run = Run(name, vae, svi, torch.Generator().manual_seed(seed + 2))
+    if getattr(args, "own_noise", False):
+        # a noise stream of this posterior's own: its training then does not depend on which
+        # other posteriors are in the run (they otherwise share torch's global stream)
+        own = seed * 1_000_003 + zlib.crc32(name.encode()) % 1_000_003
+        run.rng_state = torch.Generator().manual_seed(own).get_state()
+        if device.type == "cuda":
+            with torch.random.fork_rng(devices=[device]):
+                torch.cuda.manual_seed(own)
+                run.cuda_rng_state = torch.cuda.get_rng_state(device)
+    return run
+
+
+@contextlib.contextmanager
+def own_noise(run: Run, device: torch.device):
+    """Draw from the run's own noise stream, if it has one (``--own-noise``)."""
+    if run.rng_state is None:
+        yield
+        return
+    saved = torch.get_rng_state()
+    saved_cuda = torch.cuda.get_rng_state(device) if run.cuda_rng_state is not None else None
+    torch.set_rng_state(run.rng_state)
+    if saved_cuda is not None:
+        torch.cuda.set_rng_state(run.cuda_rng_state, device)
+    try:
+        yield
+    finally:
+        run.rng_state = torch.get_rng_state()
+        torch.set_rng_state(saved)
+        if saved_cuda is not None:
+            run.cuda_rng_state = torch.cuda.get_rng_state(device)
+            torch.cuda.set_rng_state(saved_cuda, device)
 
 
 def train_epoch(run: Run, x_train: torch.Tensor, batch_size: int, device: torch.device) -> None:
@@ -398,6 +443,7 @@ class Result:
     paired: dict = field(default_factory=dict)  # (a, b) -> (mean of a - b, s.e.), -log p(x)
     gpu: tuple[float, float] | None = None  # IAF K=4 epoch seconds on the GPU and on the CPU
     files: dict = field(default_factory=dict)
+    per_digit: dict = field(default_factory=dict)  # name -> test -log p(x) of each scored digit
 
 
 def _median_epoch(run: Run, last: int | None = None) -> float:
@@ -553,7 +599,14 @@ def report(results: list[Result], args, device, seconds: float, path: str) -> st
         "",
         f"- {machine_line(device)}",
         f"- batch {args.batch_size}, Adam lr {args.lr}, `Trace_ELBO` with 1 particle, seed "
-        f"{args.seed}, no KL warm-up; the same encoder, decoder, data order and epoch budget for "
+        f"{args.seed}"
+        + (f" (training seed {train_seed(args)})" if train_seed(args) != args.seed else "")
+        + (
+            ", every posterior with its own noise stream (`--own-noise`)"
+            if getattr(args, "own_noise", False)
+            else ""
+        )
+        + ", no KL warm-up; the same encoder, decoder, data order and epoch budget for "
         "every posterior",
         (
             f"- early stopping: {args.valid_fraction:.0%} of the training digits held out "
@@ -682,12 +735,13 @@ def run_dataset(data_name: str, names: list[str], args, device: torch.device) ->
         if not active:
             break
         for run in active:
-            train_epoch(run, data.train, args.batch_size, device)
-            if not is_baseline(run.name):
-                run.valid_elbo.append(test_elbo(run, x_valid, particles=args.valid_particles))
-                run.test_elbo.append(test_elbo(run, x_test, particles=1))
-                if args.patience:
-                    run.keep_if_best(args.patience, args.min_epochs)
+            with own_noise(run, device):
+                train_epoch(run, data.train, args.batch_size, device)
+                if not is_baseline(run.name):
+                    run.valid_elbo.append(test_elbo(run, x_valid, particles=args.valid_particles))
+                    run.test_elbo.append(test_elbo(run, x_test, particles=1))
+                    if args.patience:
+                        run.keep_if_best(args.patience, args.min_epochs)
         print(
             f"epoch {epoch + 1:3d}  "
             + "  ".join(
@@ -725,6 +779,7 @@ def run_dataset(data_name: str, names: list[str], args, device: torch.device) ->
             f"({time.perf_counter() - t0:.0f} s for {args.iw_samples} x {x_eval.shape[0]} samples)",
             flush=True,
         )
+    res.per_digit = per_digit
     pairs = [("gaussian", n) for n in names if n != "gaussian" and not is_baseline(n)]
     more = [("planar16", "iaf4"), ("planar4", "iaf2"), ("planar16-affine-last", "planar16"), ("iaf4-affine-last", "iaf4"), ("iaf4", "pyro-iaf4")]  # fmt: skip
     for a, b in pairs + more:
@@ -740,8 +795,7 @@ def _se(v: torch.Tensor) -> float:
     return (v.std() / math.sqrt(len(v))).item() if len(v) > 1 else float("nan")
 
 
-def main() -> None:
-    global IAF_HIDDEN, IAF_LOG_SCALE
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", nargs="+", default=["mnist", "digits"], choices=["mnist", "digits"])  # fmt: skip
     parser.add_argument("--mnist", default=None, help="MNIST .npz or .csv(.gz) (see the docstring)")
@@ -762,12 +816,22 @@ def main() -> None:
     parser.add_argument("--iaf-hidden", type=int, nargs="+", default=list(IAF_HIDDEN), help="MADE hidden sizes")  # fmt: skip
     parser.add_argument("--iaf-log-scale", type=float, nargs=2, default=list(IAF_LOG_SCALE), metavar=("MIN", "MAX"))  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train-seed", type=int, default=None,
+                        help="seed of the weights, batch order and training noise (default --seed; --seed still fixes the data split)")  # fmt: skip
+    parser.add_argument("--own-noise", action="store_true",
+                        help="give every posterior its own noise stream, so that its result does not depend on which others are trained in the same run")  # fmt: skip
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--out", default="examples/output", help="folder for the plots")
     parser.add_argument("--results", default=None, help="markdown file (default OUT/vae.md)")
     parser.add_argument("--copy-figures", default=None, help="also copy the key figures here")
     parser.add_argument("--quick", action="store_true", help="CI: digits, 2 epochs, 50 IW samples")
+    return parser
+
+
+def main() -> None:
+    global IAF_HIDDEN, IAF_LOG_SCALE
+    parser = build_parser()
     args = parser.parse_args()
     if not 0.0 < args.valid_fraction < 0.5:
         parser.error(f"--valid-fraction must be in (0, 0.5), got {args.valid_fraction}")

@@ -6,7 +6,9 @@ them are concatenated into one vector :math:`z \\in \\mathbb{R}^D`, and :math:`z
 :math:`q(z) =` :class:`~pyro_nf.Flow` (base :math:`\\mathcal N(0, I)`, ``num_transforms`` layers,
 then a learnable affine layer). The affine layer starts at ``init_loc_fn``'s location with scale
 ``init_scale`` and every flow layer at the identity, so an untrained guide *is* ``AutoNormal`` 's
-starting distribution (for the same ``init_loc_fn`` and ``init_scale``).
+starting distribution (for the same ``init_loc_fn`` and ``init_scale``). With
+``precondition="laplace"`` the guide instead starts at the Laplace approximation and the flow works
+in its whitened coordinates (see :class:`AutoFlow`).
 """
 
 from __future__ import annotations

@@ -339,3 +339,41 @@ def test_vae_example_quick(tmp_path):
     assert "| Pyro ConditionalPlanar K=16 |" in report  # the timing baseline ran
     for kind in ("curves", "reconstructions", "samples", "epoch_times"):
         assert (tmp_path / f"vae_digits_{kind}.png").stat().st_size > 0
+
+
+@pytest.mark.slow  # two short digits runs, about 10 s
+def test_own_noise_makes_a_posterior_independent_of_the_others(tmp_path):
+    """With --own-noise a posterior's result is the same whether or not others train beside it
+    (without it they share torch's global stream); benchmarks/vae_seeds.py relies on this."""
+    pytest.importorskip("sklearn")
+    sys.path.insert(0, os.path.join(ROOT, "examples"))
+    import vae  # examples/vae.py
+
+    def final_nll(names, own_noise):
+        argv = ["--epochs", "2", "--iw-samples", "20", "--out", str(tmp_path)]
+        args = vae.build_parser().parse_args(argv + (["--own-noise"] if own_noise else []))
+        res = vae.run_dataset("digits", names, args, torch.device("cpu"))
+        return {r.name: r.final["nll"] for r in res.runs}
+
+    alone = final_nll(["iaf2"], own_noise=True)["iaf2"]
+    beside = final_nll(["gaussian", "iaf2"], own_noise=True)["iaf2"]
+    assert alone == beside
+    shared_alone = final_nll(["iaf2"], own_noise=False)["iaf2"]
+    shared_beside = final_nll(["gaussian", "iaf2"], own_noise=False)["iaf2"]
+    assert shared_alone != shared_beside  # the control: the shared stream does couple them
+
+
+@pytest.mark.slow  # two short digits runs of three posteriors, about 20 s
+def test_vae_seeds_benchmark_quick(tmp_path):
+    pytest.importorskip("sklearn")
+    env = dict(os.environ, MPLBACKEND="Agg", OMP_NUM_THREADS="1")
+    results = tmp_path / "seeds.md"
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "vae_seeds.py"), "--quick",
+           "--dataset", "digits", "--seeds", "0", "1", "--threads", "1",
+           "--out", str(tmp_path), "--results", str(results)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = results.read_text()
+    for row in ("| Gaussian |", "| planar K=16 |", "| IAF K=4 |", "| Gaussian minus IAF K=4 |"):
+        assert row in report
+    assert "seed 0 | seed 1 |" in report and "## The issue's claims" in report
