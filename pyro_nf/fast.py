@@ -25,9 +25,7 @@ from collections.abc import Callable
 import pyro
 import pyro.poutine as poutine
 import torch
-from pyro.distributions.util import sum_rightmost
 from pyro.infer import ELBO
-from torch.distributions import biject_to
 
 from .guides import AutoFlow
 
@@ -176,14 +174,8 @@ class FastELBO(ELBO):
             latent = latent[0]
         else:  # as under Trace_ELBO(vectorize_particles=True): a particle plate outermost
             latent = latent.reshape((n,) + (1,) * nesting + latent.shape[-1:])
-        values, log_jac = {}, 0.0
-        for site, unconstrained in guide._unpack_latent(latent):
-            transform = biject_to(site["fn"].support)
-            value = transform(unconstrained)
-            jac = transform.log_abs_det_jacobian(unconstrained, value)
-            jac = sum_rightmost(jac, jac.dim() - value.dim() + site["fn"].event_dim)
-            log_jac = log_jac + jac.sum()  # summed over particles and plates, like Delta sites
-            values[site["name"]] = value
+        # log-Jacobians summed over particles and plates, like Delta sites
+        values, log_jac = guide._constrain_with_log_jacobian(latent)
         conditioned = poutine.trace(poutine.condition(model, data=values))
         if n == 1:
             model_trace = conditioned.get_trace(*args, **kwargs)

@@ -13,6 +13,7 @@ in its whitened coordinates (see :class:`AutoFlow`).
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -20,6 +21,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
+from pyro.distributions.util import sum_rightmost
 from pyro.infer.autoguide import AutoContinuous, AutoGuide
 from pyro.infer.autoguide.initialization import init_to_median
 from pyro.infer.autoguide.utils import helpful_support_errors
@@ -217,25 +219,20 @@ class AutoFlow(AutoContinuous):
         for name, site in trace.nodes.items():
             if site["type"] != "sample":
                 continue
-            for frame in site["cond_indep_stack"]:
-                if frame.full_size is not None and frame.full_size != frame.size:
-                    raise ValueError(
-                        f"precondition='laplace' needs the full log density, but site {name!r} "
-                        f"is in the subsampled plate {frame.name!r} (size {frame.full_size}, "
-                        f"subsample {frame.size}); drop subsample_size, or use precondition=None"
-                    )
+            frame = _subsampled_frame(site)
+            if frame is not None:
+                raise ValueError(
+                    f"precondition='laplace' needs the full log density, but site {name!r} "
+                    f"is in the subsampled plate {frame.name!r} (size {frame.full_size}, "
+                    f"subsample {frame.size}); drop subsample_size, or use precondition=None"
+                )
 
     def _log_joint_fn(self, args, kwargs) -> Callable[[Tensor], Tensor]:
         """The model's log density in unconstrained space, as a function of the latent vector."""
         model = self.model
 
         def log_joint(latent: Tensor) -> Tensor:
-            values, log_jac = {}, 0.0
-            for site, unconstrained in self._unpack_latent(latent):
-                transform = biject_to(site["fn"].support)
-                value = transform(unconstrained)
-                log_jac = log_jac + transform.log_abs_det_jacobian(unconstrained, value).sum()
-                values[site["name"]] = value
+            values, log_jac = self._constrain_with_log_jacobian(latent)
             with poutine.block():
                 trace = poutine.trace(poutine.condition(model, data=values)).get_trace(
                     *args, **kwargs
@@ -243,6 +240,19 @@ class AutoFlow(AutoContinuous):
             return trace.log_prob_sum() + log_jac
 
         return log_joint
+
+    def _constrain_with_log_jacobian(self, latent: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        """Each site's constrained value from the latent vector, and the summed log-Jacobian of
+        the maps from unconstrained space (over sites, plates and any batch of latents)."""
+        values, log_jac = {}, 0.0
+        for site, unconstrained in self._unpack_latent(latent):
+            transform = biject_to(site["fn"].support)
+            value = transform(unconstrained)
+            jac = transform.log_abs_det_jacobian(unconstrained, value)
+            jac = sum_rightmost(jac, jac.dim() - value.dim() + site["fn"].event_dim)
+            log_jac = log_jac + jac.sum()
+            values[site["name"]] = value
+        return values, log_jac
 
     def _check_model(self) -> None:
         name = type(self).__name__
@@ -254,16 +264,16 @@ class AutoFlow(AutoContinuous):
                     "infer={'enumerate': 'parallel'} and use TraceEnum_ELBO with this guide on "
                     f"poutine.block(model, hide=[{site_name!r}])."
                 )
-            for frame in site["cond_indep_stack"]:
-                if frame.full_size is not None and frame.full_size != frame.size:
-                    raise ValueError(
-                        f"{name} cannot guide site {site_name!r}: it is a local latent inside the "
-                        f"subsampled plate {frame.name!r} (size {frame.full_size}, subsample "
-                        f"{frame.size}), and a flattening guide would see a different latent "
-                        "vector at every step. Use AutoNormal for local latents (it supports "
-                        "subsampling), an amortized pyro_nf.Flow(dim, context_dim=H) in a "
-                        "hand-written guide, or drop subsample_size."
-                    )
+            frame = _subsampled_frame(site)
+            if frame is not None:
+                raise ValueError(
+                    f"{name} cannot guide site {site_name!r}: it is a local latent inside the "
+                    f"subsampled plate {frame.name!r} (size {frame.full_size}, subsample "
+                    f"{frame.size}), and a flattening guide would see a different latent "
+                    "vector at every step. Use AutoNormal for local latents (it supports "
+                    "subsampling), an amortized pyro_nf.Flow(dim, context_dim=H) in a "
+                    "hand-written guide, or drop subsample_size."
+                )
 
     def setup(self, *args, **kwargs) -> AutoFlow:
         """Create the parameters now (from one run of the model with these arguments).
@@ -517,6 +527,14 @@ class AutoIAFFlow(AutoFlow):
         )  # fmt: skip
 
 
+def _subsampled_frame(site: dict):
+    """The first subsampled plate (``subsample_size`` below the full size) a site sits in."""
+    for frame in site["cond_indep_stack"]:
+        if frame.full_size is not None and frame.full_size != frame.size:
+            return frame
+    return None
+
+
 def _first_line(e: Exception) -> str:
     lines = str(e).strip().splitlines()
     return f"{type(e).__name__}: {lines[0] if lines else ''}"
@@ -532,8 +550,6 @@ def _laplace(
     Newton decrement :math:`g^\\top H^{-1} g` (twice the log-density still to gain by a Newton
     step, whatever the coordinates' scales) is below ``tol``.
     """
-    import time
-
     t0 = time.perf_counter()
     info: dict = {"used": False, "reason": None, "log_density": None, "newton_decrement": None,
                   "iterations": 0, "seconds": None}  # fmt: skip
@@ -573,7 +589,7 @@ def _laplace(
             opt.step(closure)
         except (ValueError, RuntimeError) as e:
             return finish(None, None, f"the mode search failed ({_first_line(e)})")
-        info["iterations"] = opt.state[opt._params[0]].get("n_iter", 0)
+        info["iterations"] = opt.state[u].get("n_iter", 0)
         x = u.detach()
         if not torch.isfinite(x).all():
             return finish(None, None, "the mode search diverged (non-finite latent values)")

@@ -17,6 +17,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 from pyro.infer import Predictive, Trace_ELBO
+from test_devices import DEVICES
 from torch.autograd.functional import jacobian
 
 import pyro_nf
@@ -300,18 +301,6 @@ def test_subsampled_model_is_refused():
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         AutoPlanarFlow(regression_model, **kwargs)
-
-
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda",
-        marks=[
-            pytest.mark.cuda,
-            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-        ],
-    ),
-]
 
 
 @pytest.mark.parametrize("device", DEVICES)
