@@ -110,6 +110,7 @@ LATENT_DIM = 20
 HIDDEN = 300
 IAF_HIDDEN = (100, 100)  # --iaf-hidden
 IAF_LOG_SCALE = (-5.0, 3.0)  # --iaf-log-scale: pyro_nf's default bounds of the IAF log-scale
+IAF_GATE_BIAS = None  # --iaf-gate-bias: None for the plain affine update, c for the gated one
 
 #: name -> (label, transform, K, affine_first); "pyro-": Pyro's own flows ("pyro-planar": timing
 #: only); affine_first None: pyro_nf.Flow's default for a context (the affine base first)
@@ -249,7 +250,7 @@ def make_posterior(name: str) -> nn.Module:
         return PyroFlow(LATENT_DIM, HIDDEN, k, kind)
     kwargs = {}
     if transform == "iaf":
-        kwargs = dict(hidden_dims=IAF_HIDDEN, log_scale_min=IAF_LOG_SCALE[0], log_scale_max=IAF_LOG_SCALE[1])  # fmt: skip
+        kwargs = dict(hidden_dims=IAF_HIDDEN, log_scale_min=IAF_LOG_SCALE[0], log_scale_max=IAF_LOG_SCALE[1], gate_bias=IAF_GATE_BIAS)  # fmt: skip
     return pyro_nf.Flow(
         LATENT_DIM, transform, k, context_dim=HIDDEN, affine_first=affine_first, **kwargs
     )
@@ -815,6 +816,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--iw-digits", type=int, default=300, help="score the first N test digits (0: all)")  # fmt: skip
     parser.add_argument("--iaf-hidden", type=int, nargs="+", default=list(IAF_HIDDEN), help="MADE hidden sizes")  # fmt: skip
     parser.add_argument("--iaf-log-scale", type=float, nargs=2, default=list(IAF_LOG_SCALE), metavar=("MIN", "MAX"))  # fmt: skip
+    parser.add_argument("--iaf-gate-bias", type=float, default=None,
+                        help="pyro_nf IAF: the gated update of Kingma et al. (2016) with this sigmoid bias (default: the plain affine update)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-seed", type=int, default=None,
                         help="seed of the weights, batch order and training noise (default --seed; --seed still fixes the data split)")  # fmt: skip
@@ -830,7 +833,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main() -> None:
-    global IAF_HIDDEN, IAF_LOG_SCALE
+    global IAF_HIDDEN, IAF_LOG_SCALE, IAF_GATE_BIAS
     parser = build_parser()
     args = parser.parse_args()
     if not 0.0 < args.valid_fraction < 0.5:
@@ -845,6 +848,7 @@ def main() -> None:
         args.posteriors = args.posteriors or QUICK_POSTERIORS
     names = args.posteriors or DEFAULT_POSTERIORS
     IAF_HIDDEN, IAF_LOG_SCALE = tuple(args.iaf_hidden), tuple(args.iaf_log_scale)
+    IAF_GATE_BIAS = args.iaf_gate_bias
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     os.makedirs(args.out, exist_ok=True)

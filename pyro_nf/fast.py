@@ -94,26 +94,7 @@ class FastELBO(ELBO):
             if self.max_plate_nesting != float("inf"):
                 self._nesting[key] = int(self.max_plate_nesting)
             else:
-                # The guide's prototype trace holds only the latents; the plates of observed
-                # sites count too, so trace the model once at the prototype's latent values.
-                latents = {
-                    name: site["value"]
-                    for name, site in guide.prototype_trace.iter_stochastic_nodes()
-                }
-                with torch.no_grad(), poutine.block():
-                    trace = poutine.trace(poutine.condition(model, data=latents)).get_trace(
-                        *args, **kwargs
-                    )
-                self._nesting[key] = max(
-                    (
-                        -frame.dim
-                        for site in trace.nodes.values()
-                        if site["type"] == "sample"
-                        for frame in site["cond_indep_stack"]
-                        if frame.vectorized
-                    ),
-                    default=0,
-                )
+                self._nesting[key] = guide._model_plate_nesting(args, kwargs, model)
         return self._nesting[key]
 
     def _sample_and_score(self, guide) -> Callable:
@@ -166,6 +147,7 @@ class FastELBO(ELBO):
         if guide.prototype_trace is None:
             guide._setup_prototype(*args, **kwargs)
         nesting = self._plate_nesting(model, guide, args, kwargs)
+        guide._remember_args(args, kwargs)  # for the noncentered=True map, if any
         n = self.num_particles
         latent, log_q = self._sample_and_score(guide)(n)  # (n, D), (n,)
         if self.stl:

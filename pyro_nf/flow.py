@@ -217,6 +217,9 @@ class Flow(nn.Module):
         self.affine = Affine(dim, context_dim, init_loc=init_loc, init_scale=init_scale)
         self.register_buffer("precond_loc", None)
         self.register_buffer("precond_tril", None)
+        #: a fixed transform applied after everything else (not a parameter, not in the state
+        #: dict); the flow autoguides put their ``noncentered=True`` map here
+        self.outer_transform: FlowTransform | None = None
 
     def set_preconditioner(self, loc: Tensor | None, scale_tril: Tensor | None = None) -> Flow:
         """Follow the flow by a fixed full-rank affine map :math:`z \\mapsto m + L z`.
@@ -263,7 +266,7 @@ class Flow(nn.Module):
         """The stateless transforms, in the order they act on the base noise.
 
         With ``fused=True`` (planar and radial), the layers come as one stack transform; a
-        preconditioner (:meth:`set_preconditioner`) comes last.
+        preconditioner (:meth:`set_preconditioner`) comes next, then ``outer_transform`` if set.
         """
         check_context(context, self.context_dim, "Flow")
         affine = [self.affine.condition(context)]
@@ -275,6 +278,8 @@ class Flow(nn.Module):
         chain = affine + layers if self.affine_first else layers + affine
         if self.precond_tril is not None:
             chain.append(TriangularAffineTransform(self.precond_loc, self.precond_tril))
+        if self.outer_transform is not None:
+            chain.append(self.outer_transform)
         return chain
 
     def forward(self, context: Tensor | None = None) -> FlowDistribution:

@@ -767,9 +767,18 @@ def test_seeded_guide_is_reproducible(cls):
 @pytest.mark.slow
 @parametrize_guides
 def test_conjugate_with_default_arguments(cls):
+    _check_conjugate_fit(cls(conjugate_model))
+
+
+@pytest.mark.slow
+def test_conjugate_with_gated_iaf():
+    """The gated IAF update (Kingma et al. 2016) reaches the exact answer as well."""
+    _check_conjugate_fit(AutoIAFFlow(conjugate_model, gate_bias=2.0))
+
+
+def _check_conjugate_fit(guide):
     y = conjugate_data()
     post_mean, post_sd, log_evidence = exact_conjugate_answer(y)
-    guide = cls(conjugate_model)
     steps = 2000
     svi = SVI(
         conjugate_model,

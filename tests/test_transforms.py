@@ -36,6 +36,7 @@ LAYERS = {
     "iaf_permuted": lambda d, c: AffineAutoregressive(
         d, c, hidden_dims=(9,), order=[2, 0, 3, 1][:d] if d == 4 else None
     ),
+    "iaf_gated": lambda d, c: AffineAutoregressive(d, c, hidden_dims=(16,), gate_bias=1.5),
     "affine": lambda d, c: Affine(d, c, init_loc=0.3, init_scale=2.0),
 }
 CASES = [(name, c) for name in LAYERS for c in (0, CONTEXT_DIM)]
@@ -282,6 +283,21 @@ def test_bad_constructor_arguments():
         Affine(3, init_scale=-1.0)
     with pytest.raises(TypeError, match=r"hidden_dims must be a sequence.*\(40,\)"):
         AffineAutoregressive(3, hidden_dims=40)
+
+
+def test_gated_iaf_scale_is_bounded_by_the_gate():
+    """Gated update (Kingma et al. 2016): the scale is at most 1 / sigmoid(c), whatever the net."""
+    layer = AffineAutoregressive(3, hidden_dims=(8,), gate_bias=2.0).double()
+    with torch.no_grad():
+        layer.made.out.bias.fill_(50.0)  # a huge log-scale for the plain update
+    x = torch.randn(100, 3, dtype=torch.float64)
+    y, ladj = layer.condition().call_and_ladj(x)
+    bound = -torch.nn.functional.logsigmoid(torch.tensor(2.0, dtype=torch.float64))
+    assert (ladj <= 3 * bound + 1e-12).all() and (ladj > 3 * bound - 1e-6).all()
+    # The first coordinate in order sees no input: y_0 = x_0 / sigmoid(2) exactly (the shift is
+    # the MADE bias times 1 - sigmoid(52), about 1e-21).
+    torch.testing.assert_close(y[:, 0], x[:, 0] / torch.sigmoid(torch.tensor(2.0)).double())
+    torch.testing.assert_close(layer.condition().inv(y), x)
 
 
 def test_density_estimation_by_maximum_likelihood():

@@ -119,6 +119,8 @@ class AutoregressiveTransform(FlowTransform):
         conditioner: callable returning the shift ``m`` and the unbounded log-scale ``a`` (each of
             the input's shape), autoregressive in some order.
         log_scale_min, log_scale_max: bounds of the log-scale; ``log_scale_min < 0 < log_scale_max``.
+        gate_bias: ``None`` (default) for the update above; a number :math:`c` for the gated
+            update (see :class:`AffineAutoregressive`).
 
     Example:
         >>> import torch
@@ -138,6 +140,7 @@ class AutoregressiveTransform(FlowTransform):
         conditioner: Callable[[Tensor], tuple[Tensor, Tensor]],
         log_scale_min: float = -5.0,
         log_scale_max: float = 3.0,
+        gate_bias: float | None = None,
     ) -> None:
         super().__init__()
         if not log_scale_min < 0.0 < log_scale_max:
@@ -147,9 +150,14 @@ class AutoregressiveTransform(FlowTransform):
         self.conditioner = conditioner
         self.lo = float(log_scale_min)
         self.hi = float(log_scale_max)
+        self.gate_bias = None if gate_bias is None else float(gate_bias)
 
     def _mls(self, x: Tensor) -> tuple[Tensor, Tensor]:
         m, a = self.conditioner(x)
+        if self.gate_bias is not None:
+            g = a + self.gate_bias  # y = x sigmoid(g) / sigmoid(c) + (1 - sigmoid(g)) m
+            s = F.logsigmoid(g) - F.logsigmoid(torch.tensor(self.gate_bias, dtype=a.dtype))
+            return torch.sigmoid(-g) * m, s
         c = torch.where(a >= 0, self.hi, -self.lo).to(a.dtype)
         return m, c * torch.tanh(a / c)
 
@@ -181,6 +189,13 @@ class AffineAutoregressive(FlowModule):
             stack of two or more layers every coordinate conditions on every other.
         log_scale_min, log_scale_max: smooth bounds of the log-scale.
         activation: hidden nonlinearity class, default :class:`torch.nn.ELU`.
+        gate_bias: ``None`` (default) for the update :math:`y = x e^{s} + m`. A number :math:`c`
+            for the gated update of Kingma et al. (2016, eqs. 11-12),
+            :math:`\\sigma = \\operatorname{sigmoid}(a + c)`,
+            :math:`y = x \\sigma / \\operatorname{sigmoid}(c) + (1 - \\sigma) m`, whose scale is
+            at most :math:`1 / \\operatorname{sigmoid}(c)` (no exponential blow-up). Dividing by
+            :math:`\\operatorname{sigmoid}(c)` keeps the fresh layer exactly the identity; the
+            paper uses :math:`c` of 1 or 2. The log-scale bounds are then unused.
 
     Example:
         >>> import torch
@@ -200,6 +215,7 @@ class AffineAutoregressive(FlowModule):
         log_scale_min: float = -5.0,
         log_scale_max: float = 3.0,
         activation: Callable[[], nn.Module] = nn.ELU,
+        gate_bias: float | None = None,
     ) -> None:
         super().__init__(dim, context_dim)
         if isinstance(hidden_dims, int):
@@ -214,9 +230,10 @@ class AffineAutoregressive(FlowModule):
         self.register_buffer("order", order)
         self.made = MADE(dim, hidden_dims, order, context_dim, activation)
         # validates the bounds once, at construction
-        AutoregressiveTransform(self.made, log_scale_min, log_scale_max)
+        AutoregressiveTransform(self.made, log_scale_min, log_scale_max, gate_bias)
         self.log_scale_min = float(log_scale_min)
         self.log_scale_max = float(log_scale_max)
+        self.gate_bias = None if gate_bias is None else float(gate_bias)
 
     def _transform(self, context: Tensor | None) -> AutoregressiveTransform:
         if context is None:
@@ -226,4 +243,6 @@ class AffineAutoregressive(FlowModule):
             def conditioner(x: Tensor) -> tuple[Tensor, Tensor]:
                 return self.made(x, context)
 
-        return AutoregressiveTransform(conditioner, self.log_scale_min, self.log_scale_max)
+        return AutoregressiveTransform(
+            conditioner, self.log_scale_min, self.log_scale_max, self.gate_bias
+        )
