@@ -18,7 +18,6 @@ site :math:`s` from the values already set.
 
 from __future__ import annotations
 
-import pyro
 import torch
 from pyro import poutine
 from pyro.poutine.messenger import Messenger
@@ -118,13 +117,11 @@ class NonCenteringTransform(FlowTransform):
         blocks = {site["name"]: v for site, v in self.guide._unpack_latent(lat)}
         setter = _SetLatents(blocks, self.sites, inverse, self.order[-1])
         args, kwargs = self.get_args()
+        # The batch sits left of the model's plates and broadcasts through them, with no plate of
+        # its own: the caller may hold that dim already (a particle plate around the guide).
         try:
             with poutine.block(), setter:
-                if batch:
-                    with pyro.plate("_noncentering_batch", n, dim=-(self.nesting + 1)):
-                        self.guide._raw_model[0](*args, **kwargs)
-                else:
-                    self.guide._raw_model[0](*args, **kwargs)
+                self.guide._raw_model[0](*args, **kwargs)
         except _Stop:
             pass
         missing = [name for name in self.order if name not in setter.out]
