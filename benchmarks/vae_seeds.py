@@ -38,11 +38,13 @@ def _is_planar_flow(name: str) -> bool:
 
 
 def claims(names: list[str]) -> list[tuple[str, str]]:
-    """The pairs compared: the Gaussian against every flow, every planar against every IAF."""
+    """The pairs compared: the Gaussian against every flow, every planar against every IAF, and
+    a gated IAF against the same IAF without the gate."""
     pairs = [("gaussian", n) for n in names if n != "gaussian"] if "gaussian" in names else []
     planar = [n for n in names if _is_planar_flow(n)]
     iaf = [n for n in names if vae.POSTERIORS[n][1] == "iaf"]
-    return pairs + [(p, i) for p in planar for i in iaf]
+    gated = [(n[: -len("-gated")], n) for n in names if n.endswith("-gated")]
+    return pairs + [(p, i) for p in planar for i in iaf] + [g for g in gated if g[0] in names]
 
 
 def _mean_se(xs: list[float]) -> tuple[float, float]:
@@ -107,6 +109,14 @@ def main() -> None:
         f"- {vae.machine_line(torch.device('cpu'))}",
         f"- data: {data_note}; posteriors: {', '.join(label[n] for n in a.posteriors)}; training "
         f"seeds {', '.join(map(str, a.seeds))}",
+    ]
+    L += [
+        f"- {label[n]}: the same IAF with the gated update of Kingma et al. (2016), "
+        f"`gate_bias={vae.GATED_BIAS}` (`y = x sigmoid(a + c) / sigmoid(c) + (1 - sigmoid(a + c)) m`)"
+        for n in a.posteriors
+        if n.endswith("-gated")
+    ]
+    L += [
         "",
         "## Test -log p(x) per training seed (nats per digit, lower is better)",
         "",

@@ -126,8 +126,11 @@ POSTERIORS = {
     "pyro-iaf4": ("Pyro IAF K=4", "iaf", 4, None),
     "pyro-planar16": ("Pyro ConditionalPlanar K=16", "planar", 16, None),
     "pyro-planar16-linear": ("Pyro ConditionalPlanar K=16, linear heads", "planar", 16, None),
+    # not in the default run: the gated IAF update (Kingma et al. 2016), gate bias GATED_BIAS
+    "iaf4-gated": ("IAF K=4, gated", "iaf", 4, None),
 }
-DEFAULT_POSTERIORS = list(POSTERIORS)
+GATED_BIAS = 2.0  # the "-gated" posteriors' gate_bias (the paper uses 1 or 2)
+DEFAULT_POSTERIORS = [n for n in POSTERIORS if not n.endswith("-gated")]
 QUICK_POSTERIORS = ["gaussian", "planar16", "iaf2", "pyro-planar16", "pyro-planar16-linear"]
 
 
@@ -250,7 +253,8 @@ def make_posterior(name: str) -> nn.Module:
         return PyroFlow(LATENT_DIM, HIDDEN, k, kind)
     kwargs = {}
     if transform == "iaf":
-        kwargs = dict(hidden_dims=IAF_HIDDEN, log_scale_min=IAF_LOG_SCALE[0], log_scale_max=IAF_LOG_SCALE[1], gate_bias=IAF_GATE_BIAS)  # fmt: skip
+        gate = GATED_BIAS if name.endswith("-gated") else IAF_GATE_BIAS
+        kwargs = dict(hidden_dims=IAF_HIDDEN, log_scale_min=IAF_LOG_SCALE[0], log_scale_max=IAF_LOG_SCALE[1], gate_bias=gate)  # fmt: skip
     return pyro_nf.Flow(
         LATENT_DIM, transform, k, context_dim=HIDDEN, affine_first=affine_first, **kwargs
     )
