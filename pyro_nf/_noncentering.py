@@ -59,9 +59,10 @@ class _Stop(Exception):
 class _SetLatents(Messenger):
     """Sets each latent of the model from an unconstrained (non-centred) block, in order."""
 
-    def __init__(self, blocks: dict, sites: set, inverse: bool, last: str) -> None:
+    def __init__(self, blocks: dict, sites: set, supports: dict, inverse: bool, last: str) -> None:
         super().__init__()
-        self.blocks, self.sites, self.inverse, self.last = blocks, sites, inverse, last
+        self.blocks, self.sites, self.supports = blocks, sites, supports
+        self.inverse, self.last = inverse, last
         self.out: dict[str, Tensor] = {}
         self.log_scale: dict[str, Tensor] = {}
 
@@ -81,7 +82,7 @@ class _SetLatents(Messenger):
                 self.out[name] = value
             self.log_scale[name] = torch.log(scale).expand(self.out[name].shape)
         else:
-            value = biject_to(msg["fn"].support)(block)
+            value = biject_to(self.supports[name])(block)  # as the guide constrains it
             self.out[name] = block
         msg["value"] = value
         msg["is_observed"] = True
@@ -109,13 +110,16 @@ class NonCenteringTransform(FlowTransform):
         self.nesting = int(nesting)
         self.get_args = get_args
         self.order = [name for name, _ in guide.prototype_trace.iter_stochastic_nodes()]
+        self.supports = {
+            name: site["fn"].support for name, site in guide.prototype_trace.iter_stochastic_nodes()
+        }
 
     def _run(self, x: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
         batch = x.shape[:-1]
         n = int(torch.Size(batch).numel())
         lat = x if not batch else x.reshape((n,) + (1,) * self.nesting + x.shape[-1:])
         blocks = {site["name"]: v for site, v in self.guide._unpack_latent(lat)}
-        setter = _SetLatents(blocks, self.sites, inverse, self.order[-1])
+        setter = _SetLatents(blocks, self.sites, self.supports, inverse, self.order[-1])
         args, kwargs = self.get_args()
         # The batch sits left of the model's plates and broadcasts through them, with no plate of
         # its own: the caller may hold that dim already (a particle plate around the guide).
