@@ -321,7 +321,7 @@ def run_one(path: str, posterior: str, guide: str, seed: int, s: Settings) -> di
             record["laplace_used"] = info["used"]
             record["laplace_reason"] = info["reason"]
         record["setup_warnings"] = [str(w.message)[:300] for w in caught]
-        if guide.endswith("untrained]"):  # the set-up's Laplace start, scored as it is
+        if "laplace-untrained" in _options(guide)[1]:  # the set-up's Laplace start, as it is
             record.update(fit_seconds=0.0, seconds_per_step=None, skipped_steps=0)
         else:
             result = pyro_nf.fit(

@@ -254,16 +254,20 @@ class AutoFlow(AutoContinuous):
         with torch.no_grad():
             return self.noncentering.inv(loc)
 
-    def _model_plate_nesting(self, args: tuple, kwargs: dict, model: Callable | None = None) -> int:
-        """The model's plate nesting, observed sites included (the prototype holds latents only,
-        so the model is traced once at the prototype's latent values)."""
+    def _trace_at_prototype(self, args: tuple, kwargs: dict, model: Callable | None = None):
+        """A trace of the whole model at the prototype's latent values (the prototype trace
+        itself hides the observed sites)."""
         latents = {
             name: site["value"] for name, site in self.prototype_trace.iter_stochastic_nodes()
         }
         with torch.no_grad(), poutine.block():
-            trace = poutine.trace(
+            return poutine.trace(
                 poutine.condition(model or self._raw_model[0], data=latents)
             ).get_trace(*args, **kwargs)
+
+    def _model_plate_nesting(self, args: tuple, kwargs: dict, model: Callable | None = None) -> int:
+        """The model's plate nesting, observed sites included."""
+        trace = self._trace_at_prototype(args, kwargs, model)
         return max(
             (
                 -frame.dim
@@ -285,15 +289,7 @@ class AutoFlow(AutoContinuous):
         return super().forward(*args, **kwargs)
 
     def _check_no_subsampling(self, args, kwargs) -> None:
-        # The prototype trace hides observed sites: trace the whole model at the initial values.
-        values = {
-            name: site["value"] for name, site in self.prototype_trace.iter_stochastic_nodes()
-        }
-        with torch.no_grad(), poutine.block():
-            trace = poutine.trace(poutine.condition(self._raw_model[0], data=values)).get_trace(
-                *args, **kwargs
-            )
-        for name, site in trace.nodes.items():
+        for name, site in self._trace_at_prototype(args, kwargs).nodes.items():
             if site["type"] != "sample":
                 continue
             frame = _subsampled_frame(site)

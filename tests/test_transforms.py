@@ -283,6 +283,9 @@ def test_bad_constructor_arguments():
         Affine(3, init_scale=-1.0)
     with pytest.raises(TypeError, match=r"hidden_dims must be a sequence.*\(40,\)"):
         AffineAutoregressive(3, hidden_dims=40)
+    for bad in (float("nan"), float("inf"), "2", True):
+        with pytest.raises(ValueError, match="gate_bias must be None or a finite number"):
+            AffineAutoregressive(3, gate_bias=bad)
 
 
 def test_gated_iaf_scale_is_bounded_by_the_gate():

@@ -20,6 +20,7 @@ linear map (Kingma et al. 2016, section 4), so the layer is conditional on it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -150,6 +151,11 @@ class AutoregressiveTransform(FlowTransform):
         self.conditioner = conditioner
         self.lo = float(log_scale_min)
         self.hi = float(log_scale_max)
+        if gate_bias is not None and (
+            isinstance(gate_bias, bool) or not isinstance(gate_bias, (int, float))
+            or not math.isfinite(gate_bias)
+        ):  # fmt: skip
+            raise ValueError(f"gate_bias must be None or a finite number, got {gate_bias!r}")
         self.gate_bias = None if gate_bias is None else float(gate_bias)
 
     def _mls(self, x: Tensor) -> tuple[Tensor, Tensor]:
