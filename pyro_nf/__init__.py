@@ -2,7 +2,7 @@
 
 Flow layers with exact inverses (:mod:`pyro_nf.transforms`), a flow distribution that can be
 conditioned on a context (:class:`Flow`), autoguides (:class:`AutoPlanarFlow`,
-:class:`AutoRadialFlow`, :class:`AutoIAFFlow`) that start where ``AutoNormal`` starts, and the
+:class:`AutoRadialFlow`, :class:`AutoIAFFlow`, :class:`AutoSplineFlow`) that start where ``AutoNormal`` starts, and the
 workflow around a fit: :func:`fit`, :func:`diagnose`, :func:`log_marginal_likelihood`,
 :func:`to_inference_data` and the plots in :mod:`pyro_nf.plots`.
 """
@@ -23,6 +23,7 @@ from .guides import (
     AutoIAFFlow,
     AutoPlanarFlow,
     AutoRadialFlow,
+    AutoSplineFlow,
     init_to_median_or_feasible,
 )
 from .plots import plot_losses, plot_posterior
@@ -35,6 +36,7 @@ __all__ = [
     "AutoIAFFlow",
     "AutoPlanarFlow",
     "AutoRadialFlow",
+    "AutoSplineFlow",
     "CheckpointError",
     "Diagnostics",
     "FastELBO",

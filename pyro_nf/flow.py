@@ -26,7 +26,14 @@ from pyro.distributions import TorchDistribution
 from torch import Tensor, nn
 from torch.distributions import constraints
 
-from .transforms import Affine, AffineAutoregressive, Planar, Radial, TriangularAffineTransform
+from .transforms import (
+    Affine,
+    AffineAutoregressive,
+    Planar,
+    Radial,
+    SplineAutoregressive,
+    TriangularAffineTransform,
+)
 from .transforms.base import ChainTransform, FlowModule, FlowTransform, _check_dim, check_context
 
 __all__ = ["Flow", "FlowDistribution", "TRANSFORMS"]
@@ -126,7 +133,13 @@ class FlowDistribution(TorchDistribution):
         return log_q.expand(torch.broadcast_shapes(value.shape[:-1], self.batch_shape))
 
 
-_LAYERS = {"planar": Planar, "radial": Radial, "iaf": AffineAutoregressive}
+_LAYERS = {
+    "planar": Planar,
+    "radial": Radial,
+    "iaf": AffineAutoregressive,
+    "spline": SplineAutoregressive,
+}
+_AUTOREGRESSIVE = ("iaf", "spline")
 #: the transform names accepted by :class:`Flow`
 TRANSFORMS = tuple(_LAYERS)
 
@@ -143,12 +156,13 @@ class Flow(nn.Module):
 
     Args:
         dim: event size :math:`D`.
-        transform: ``"planar"``, ``"radial"`` or ``"iaf"`` (affine autoregressive, MADE).
+        transform: ``"planar"``, ``"radial"``, ``"iaf"`` (affine autoregressive, MADE) or
+            ``"spline"`` (rational-quadratic spline autoregressive, MADE).
         num_transforms: number of flow layers :math:`K` (0 gives a diagonal Normal).
         context_dim: size of the context; 0 for an unconditional flow.
         init_loc, init_scale: the affine layer's start; the untrained flow is exactly
             :math:`\\mathcal N(\\text{init\\_loc}, \\text{init\\_scale}^2)`.
-        hidden_dims: MADE hidden sizes (``"iaf"`` only).
+        hidden_dims: MADE hidden sizes (``"iaf"`` and ``"spline"`` only).
         affine_first: put the affine layer before the flow layers instead of after them (see
             the module docs); ``None`` (default): first when ``context_dim > 0``, last otherwise.
             The same parameters either way, a different distribution once trained.
@@ -193,8 +207,8 @@ class Flow(nn.Module):
             raise ValueError(
                 f"num_transforms must be a non-negative integer, got {num_transforms!r}"
             )
-        if hidden_dims is not None and transform != "iaf":
-            raise ValueError("hidden_dims applies to transform='iaf' only")
+        if hidden_dims is not None and transform not in _AUTOREGRESSIVE:
+            raise ValueError("hidden_dims applies to transform='iaf' or 'spline' only")
         self.transform = transform
         self.context_dim = context_dim
         if affine_first is None:
@@ -205,9 +219,9 @@ class Flow(nn.Module):
         self.fused = bool(fused) and transform in ("planar", "radial")
         layers: list[FlowModule] = []
         for k in range(num_transforms):
-            if transform == "iaf":
+            if transform in _AUTOREGRESSIVE:
                 order = torch.arange(dim).flip(0) if k % 2 else torch.arange(dim)
-                layer = AffineAutoregressive(
+                layer = _LAYERS[transform](
                     dim, context_dim, hidden_dims=hidden_dims, order=order, **layer_kwargs
                 )
             else:

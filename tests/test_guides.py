@@ -1,4 +1,4 @@
-"""The flow autoguides (AutoPlanarFlow, AutoRadialFlow, AutoIAFFlow) inside Pyro's inference machinery.
+"""The flow autoguides (AutoPlanarFlow, AutoRadialFlow, AutoIAFFlow, AutoSplineFlow) in Pyro's inference machinery.
 
 Known answers first: on a conjugate Gaussian model the ELBO must reach the exact log evidence and
 the posterior moments must match; an untrained guide must be exactly AutoNormal's starting
@@ -23,14 +23,15 @@ from pyro.infer.importance import vectorized_importance_weights
 from pyro.optim import Adam, ClippedAdam
 from torch.distributions import biject_to
 
-from pyro_nf import AutoIAFFlow, AutoPlanarFlow, AutoRadialFlow
+from pyro_nf import AutoIAFFlow, AutoPlanarFlow, AutoRadialFlow, AutoSplineFlow
 
-GUIDES = [AutoPlanarFlow, AutoRadialFlow, AutoIAFFlow]
+GUIDES = [AutoPlanarFlow, AutoRadialFlow, AutoIAFFlow, AutoSplineFlow]
 # Small flows keep the tests fast; the slow test at the bottom uses the constructors' defaults.
 SMALL = {
     AutoPlanarFlow: dict(num_transforms=4),
     AutoRadialFlow: dict(num_transforms=4),
     AutoIAFFlow: dict(num_transforms=2, hidden_dims=(16,)),
+    AutoSplineFlow: dict(num_transforms=2, hidden_dims=(16,), num_bins=4),
 }
 F64 = torch.float64
 
@@ -666,6 +667,10 @@ def test_bad_iaf_arguments_raise_at_construction():
         AutoIAFFlow(_model_must_not_run, log_scale_min=1.0)
     with pytest.raises(TypeError):
         AutoPlanarFlow(_model_must_not_run, hidden_dims=(8,))
+    with pytest.raises(ValueError, match="num_bins"):
+        AutoSplineFlow(_model_must_not_run, num_bins=1)
+    with pytest.raises(ValueError, match="bound"):
+        AutoSplineFlow(_model_must_not_run, bound=0.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -743,7 +748,7 @@ def test_gradients_reach_every_parameter(cls):
         for name, p in layer.named_parameters():
             moved = p.detach() != start[f"layers.{k}.{name}"]
             assert moved.any(), f"layer {k}: {name} never moved"
-            if cls is not AutoIAFFlow:  # (MADE's masked weights stay put by design)
+            if cls not in (AutoIAFFlow, AutoSplineFlow):  # MADE's masked weights stay put
                 assert moved.all(), f"layer {k}: {name} partly stuck at its start"
 
 

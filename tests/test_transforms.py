@@ -20,6 +20,8 @@ from pyro_nf.transforms import (
     PlanarTransform,
     Radial,
     RadialTransform,
+    SplineAutoregressive,
+    rational_quadratic_spline,
 )
 
 DIM = 4
@@ -37,6 +39,11 @@ LAYERS = {
         d, c, hidden_dims=(9,), order=[2, 0, 3, 1][:d] if d == 4 else None
     ),
     "iaf_gated": lambda d, c: AffineAutoregressive(d, c, hidden_dims=(16,), gate_bias=1.5),
+    # bound 3 < the tests' |x| up to ~8, so the identity tails are checked too
+    "spline": lambda d, c: SplineAutoregressive(d, c, hidden_dims=(16,), num_bins=5, bound=3.0),
+    "spline_reversed": lambda d, c: SplineAutoregressive(
+        d, c, hidden_dims=(12, 12), order=torch.arange(d).flip(0), num_bins=3, bound=4.0
+    ),
     "affine": lambda d, c: Affine(d, c, init_loc=0.3, init_scale=2.0),
 }
 CASES = [(name, c) for name in LAYERS for c in (0, CONTEXT_DIM)]
@@ -239,13 +246,15 @@ def test_radial_inverse_gradients():
     assert torch.autograd.gradcheck(inv, inputs)
 
 
-def test_autoregressive_dependencies_follow_the_order():
+@pytest.mark.parametrize("cls", [AffineAutoregressive, SplineAutoregressive])
+def test_autoregressive_dependencies_follow_the_order(cls):
     """Output i depends only on inputs before i in the order (strictly lower-triangular Jacobian)."""
+    torch.manual_seed(0)
     order = torch.tensor([2, 0, 3, 1])
-    layer = AffineAutoregressive(4, hidden_dims=(20,), order=order).double()
+    layer = cls(4, hidden_dims=(20,), order=order).double()
     with torch.no_grad():
         for p in layer.parameters():
-            p.add_(torch.randn_like(p))
+            p.add_(0.5 * torch.randn_like(p))
     jac = jacobian(layer, torch.randn(4, dtype=torch.float64))
     position = torch.empty(4, dtype=torch.long)
     position[order] = torch.arange(4)
@@ -257,7 +266,7 @@ def test_autoregressive_dependencies_follow_the_order():
                 assert jac[i, j] != 0  # every earlier coordinate is used
 
 
-@pytest.mark.parametrize("name", ["planar", "radial", "iaf"])
+@pytest.mark.parametrize("name", ["planar", "radial", "iaf", "spline"])
 def test_context_errors_are_clear(name):
     layer = LAYERS[name](DIM, CONTEXT_DIM)
     with pytest.raises(ValueError, match="needs a context"):
@@ -286,6 +295,52 @@ def test_bad_constructor_arguments():
     for bad in (float("nan"), float("inf"), "2", True):
         with pytest.raises(ValueError, match="gate_bias must be None or a finite number"):
             AffineAutoregressive(3, gate_bias=bad)
+
+
+def test_spline_bad_arguments():
+    with pytest.raises(ValueError, match="num_bins"):
+        SplineAutoregressive(3, num_bins=1)
+    with pytest.raises(ValueError, match="bound"):
+        SplineAutoregressive(3, bound=-1.0)
+    with pytest.raises(ValueError, match="bound"):
+        SplineAutoregressive(3, bound=float("inf"))
+    with pytest.raises(ValueError, match="min_bin_width"):
+        SplineAutoregressive(3, num_bins=10, min_bin_width=0.2)
+    with pytest.raises(ValueError, match="min_derivative"):
+        SplineAutoregressive(3, min_derivative=0.0)
+    with pytest.raises(TypeError, match=r"hidden_dims must be a sequence"):
+        SplineAutoregressive(3, hidden_dims=40)
+    zero = torch.zeros(4)
+    with pytest.raises(ValueError, match="K - 1 derivatives"):
+        rational_quadratic_spline(zero[0], zero, zero, zero)
+
+
+def test_rational_quadratic_spline_is_monotone_and_exact():
+    """Random bins: increasing, continuous at the knots, identity outside, closed-form inverse."""
+    torch.manual_seed(0)
+    k, bound = 6, 2.5
+    raw = [2 * torch.randn(k, dtype=torch.float64) for _ in range(2)]
+    derivs = 2 * torch.randn(k - 1, dtype=torch.float64)
+    x = torch.linspace(-4, 4, 20001, dtype=torch.float64).requires_grad_()
+    y, ladj = rational_quadratic_spline(x, *raw, derivs, bound=bound)
+    (dydx,) = torch.autograd.grad(y.sum(), x)
+    x, y, ladj = x.detach(), y.detach(), ladj.detach()
+    assert (y[1:] > y[:-1]).all()
+    assert (y.diff().abs() < 0.05).all()  # no jumps at the knots
+    outside = x.abs() > bound
+    assert torch.equal(y[outside], x[outside]) and (ladj[outside] == 0).all()
+    torch.testing.assert_close(ladj, dydx.log(), atol=1e-10, rtol=0)  # log-derivative is exact
+    back, ladj_back = rational_quadratic_spline(y, *raw, derivs, bound=bound, inverse=True)
+    torch.testing.assert_close(back, x, atol=1e-10, rtol=0)
+    torch.testing.assert_close(ladj_back, ladj, atol=1e-8, rtol=0)
+
+
+def test_fresh_spline_is_the_identity():
+    layer = SplineAutoregressive(3, hidden_dims=(8,), num_bins=4).double()
+    x = 3 * torch.randn(50, 3, dtype=torch.float64)
+    y, ladj = layer.condition().call_and_ladj(x)
+    torch.testing.assert_close(y, x, atol=1e-12, rtol=0)
+    torch.testing.assert_close(ladj, torch.zeros(50, dtype=torch.float64), atol=1e-12, rtol=0)
 
 
 def test_gated_iaf_scale_is_bounded_by_the_gate():

@@ -1,15 +1,16 @@
 """Flow layers: each is a bijection of :math:`\\mathbb{R}^D` with an exact inverse and a log-det
 computed in the same pass as the map, usable as a :class:`torch.distributions.Transform`.
 
-=============================  ==================================  =====================================
-layer (owns parameters)        stateless transform                 inverse
-=============================  ==================================  =====================================
-:class:`Planar`                :class:`PlanarTransform`            1-D safeguarded Newton solve along w
-:class:`Radial`                :class:`RadialTransform`            closed form
-:class:`AffineAutoregressive`  :class:`AutoregressiveTransform`    D sequential MADE passes
-:class:`Affine`                :class:`AffineTransform`            closed form
-(fixed preconditioner)         :class:`TriangularAffineTransform`  triangular solve
-=============================  ==================================  =====================================
+=============================  ======================================  ====================================
+layer (owns parameters)        stateless transform                     inverse
+=============================  ======================================  ====================================
+:class:`Planar`                :class:`PlanarTransform`                1-D safeguarded Newton solve along w
+:class:`Radial`                :class:`RadialTransform`                closed form
+:class:`AffineAutoregressive`  :class:`AutoregressiveTransform`        D sequential MADE passes
+:class:`SplineAutoregressive`  :class:`SplineAutoregressiveTransform`  D sequential MADE passes
+:class:`Affine`                :class:`AffineTransform`                closed form
+(fixed preconditioner)         :class:`TriangularAffineTransform`      triangular solve
+=============================  ======================================  ====================================
 """
 
 from .affine import Affine, AffineTransform, TriangularAffineTransform
@@ -17,6 +18,7 @@ from .autoregressive import MADE, AffineAutoregressive, AutoregressiveTransform
 from .base import ChainTransform, FlowModule, FlowTransform
 from .planar import Planar, PlanarStackTransform, PlanarTransform
 from .radial import Radial, RadialStackTransform, RadialTransform
+from .spline import SplineAutoregressive, SplineAutoregressiveTransform, rational_quadratic_spline
 
 __all__ = [
     "Affine",
@@ -33,5 +35,8 @@ __all__ = [
     "Radial",
     "RadialStackTransform",
     "RadialTransform",
+    "SplineAutoregressive",
+    "SplineAutoregressiveTransform",
     "TriangularAffineTransform",
+    "rational_quadratic_spline",
 ]

@@ -42,10 +42,11 @@ class _MaskedLinear(nn.Linear):
 
 
 class MADE(nn.Module):
-    """Masked autoencoder (Germain et al. 2015) returning ``(m, a)``, each shape ``(..., D)``.
+    """Masked autoencoder (Germain et al. 2015) returning ``num_params`` tensors of shape ``(..., D)``.
 
-    Output ``i`` depends only on inputs that come before ``i`` in ``order``. The output layer starts
-    at zero, so a fresh network returns ``m = 0, a = 0``.
+    With the default ``num_params=2`` these are ``(m, a)``, the shift and log-scale of
+    :class:`AffineAutoregressive`. Output ``i`` of every one depends only on inputs that come before
+    ``i`` in ``order``. The output layer starts at zero, so a fresh network returns zeros.
 
     Args:
         dim: number of variables :math:`D`.
@@ -53,6 +54,8 @@ class MADE(nn.Module):
         order: a permutation of ``range(dim)``; ``order[k]`` is the variable at position ``k``.
         context_dim: size of an optional context added to the first hidden layer.
         activation: the hidden nonlinearity (a module class).
+        num_params: number of outputs per variable (2 for the affine layer; the spline layer
+            uses ``3 * num_bins - 1``).
 
     Example:
         >>> import torch
@@ -76,8 +79,12 @@ class MADE(nn.Module):
         order: Tensor,
         context_dim: int = 0,
         activation: Callable[[], nn.Module] = nn.ELU,
+        num_params: int = 2,
     ) -> None:
         super().__init__()
+        if isinstance(num_params, bool) or not isinstance(num_params, int) or num_params < 1:
+            raise ValueError(f"num_params must be a positive integer, got {num_params!r}")
+        self.num_params = num_params
         if len(hidden_dims) == 0 or any(int(h) < 1 for h in hidden_dims):
             raise ValueError(
                 f"hidden_dims must be a non-empty list of positive ints, got {hidden_dims!r}"
@@ -92,7 +99,7 @@ class MADE(nn.Module):
             layers.append(_MaskedLinear(deg_h[:, None] >= degrees[-1][None, :]))
             degrees.append(deg_h)
         self.hidden = nn.ModuleList(layers)
-        deg_out = deg_in.repeat(2)
+        deg_out = deg_in.repeat(num_params)
         self.out = _MaskedLinear(deg_out[:, None] > degrees[-1][None, :])
         with torch.no_grad():
             self.out.weight.zero_()
@@ -102,7 +109,7 @@ class MADE(nn.Module):
         )
         self.activation = activation()
 
-    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, ...]:
         h = self.hidden[0](x)
         if self.context is not None:
             h = h + self.context(context)
@@ -110,7 +117,9 @@ class MADE(nn.Module):
         for layer in self.hidden[1:]:
             h = self.activation(layer(h))
         out = self.out(h)
-        return out[..., : self.dim], out[..., self.dim :]
+        if self.num_params == 2:
+            return out[..., : self.dim], out[..., self.dim :]
+        return out.unflatten(-1, (self.num_params, self.dim)).unbind(-2)
 
 
 class AutoregressiveTransform(FlowTransform):
