@@ -17,16 +17,19 @@ Targets (z = (z1, z2) is the single latent site ``x`` of shape (2,)):
   against this.  ``--banana-sd S`` sets the sd of x2 (S = 4: variance 16).
 
 Each target is the model ``x ~ ImproperUniform(real, (), (2,))`` plus
-``pyro.factor("U", -U(x))``.  Guides: pyro_nf.AutoPlanarFlow, AutoRadialFlow and
-AutoIAFFlow at several depths, and Pyro's AutoNormalizingFlow (16 planar
-layers), AutoIAFNormal and AutoNormal, all with the same steps, lr and
-particles.  Metric: KL(q||p) = E_q[log q(x) + U(x)] + log Z, with log Z from
+``pyro.factor("U", -U(x))``.  Guides: pyro_nf.AutoPlanarFlow, AutoRadialFlow,
+AutoIAFFlow and AutoSplineFlow at several depths, and Pyro's AutoNormalizingFlow
+(16 planar layers), AutoIAFNormal and AutoNormal, all with the same steps, lr and
+particles (8, vectorized), each over three training seeds (``--num-seeds``):
+on these energies one seed's KL can differ from another's by a factor of
+several, because reverse KL settles in optima that cover part of the target,
+so the tables give the mean and sd over seeds and the goals use the mean.  Metric: KL(q||p) = E_q[log q(x) + U(x)] + log Z, with log Z from
 midpoint quadrature on a fine grid and E_q from ``--samples`` draws of the fitted
 guide (reported as mean +- standard error).  log q is the sum of the guide's
 sample-site log densities in a vectorised trace; for pyro_nf guides it is also
 cross-checked against ``guide.get_posterior().log_prob`` on fresh copies.
 pyro_nf guides use init_scale 1 (the N(0, I) start of Pyro's flow guides) and
-AutoIAFFlow hidden_dims (64,); see --init-scale and --hidden.
+AutoIAFFlow / AutoSplineFlow hidden_dims (64,); see --init-scale and --hidden.
 
 Pyro's AutoNormalizingFlow and AutoIAFNormal initialise with init_to_feasible
 (and pyro_nf's default init falls back to it), which cannot sample an
@@ -43,8 +46,8 @@ Figure: ``--out`` (default examples/output); table: ``--results`` (default
 benchmarks/results/toy_densities.md, or toy_densities_quick.md with --quick).
 Fits run in ``--jobs`` processes with one torch thread each; every fit is
 seeded from ``--seed`` and its own name, so results do not depend on --jobs.
-Cost (x86_64 CPU, torch 2.13): the full run is about 1400 CPU-seconds of
-fitting (some 12 minutes on 2 idle cores), --quick about 75.
+Cost (2-core AMD EPYC, torch 2.13): the full run (195 fits) is about 4100
+CPU-seconds of fitting (some 35 minutes on 2 cores), --quick about 50.
 """
 
 import argparse
@@ -187,11 +190,13 @@ def label(family, k):
     return f"pyro_nf.{NAMES[family]} K={k}" if family in PYRO_NF else f"Pyro {NAMES[family]}"
 
 
-def make_guide(family, k, model, init_scale, hidden):
+def make_guide(family, k, model, init_scale, hidden, spline_bins=8, spline_bound=5.0):
     if family in PYRO_NF:
         import pyro_nf
 
         kwargs = {"hidden_dims": tuple(hidden)} if family in ("iaf", "spline") else {}
+        if family == "spline":
+            kwargs.update(num_bins=spline_bins, bound=spline_bound)
         guide_class = getattr(pyro_nf, NAMES[family])
         return guide_class(model, num_transforms=k, init_scale=init_scale, **kwargs)
     if family == "pyro-planar":
@@ -260,7 +265,10 @@ def fit_one(task):
         kind="failed",
     )
     try:
-        guide = make_guide(family, k, init_model, a["init_scale"], a["hidden"])
+        guide = make_guide(
+            family, k, init_model, a["init_scale"], a["hidden"],
+            a.get("spline_bins", 8), a.get("spline_bound", 5.0),
+        )  # fmt: skip
         elbo = Trace_ELBO(
             num_particles=a["particles"],
             vectorize_particles=a["particles"] > 1,
@@ -355,6 +363,18 @@ def plot(results, targets, guides, quad, path, res, banana_sd):
     plt.close(fig)
 
 
+def _cpu_name():
+    """The CPU model from /proc/cpuinfo where there is one (platform.processor() is often empty)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
+
+
 def markdown(results, runs, targets, guides, quad, a, wall):
     checks = [r["check"] for r in results.values() if np.isfinite(r["check"])]
     out = [
@@ -370,8 +390,9 @@ def markdown(results, runs, targets, guides, quad, a, wall):
         "seed is the training seed plus a hash of its target, family and K",
         f"- KL Monte Carlo samples per fit {a['samples']}; quadrature grid {a['quad']}^2 points",
         f"- pyro_nf: init_scale {a['init_scale']}, AutoIAFFlow and AutoSplineFlow hidden_dims "
-        f"{tuple(a['hidden'])}, AutoSplineFlow 8 bins on [-5, 5]; Pyro guides: their defaults",
-        f"- machine: processor {platform.processor() or '?'}, machine {platform.machine()}, "
+        f"{tuple(a['hidden'])}, AutoSplineFlow {a['spline_bins']} bins on "
+        f"[-{a['spline_bound']:g}, {a['spline_bound']:g}]; Pyro guides: their defaults",
+        f"- machine: processor {_cpu_name()}, machine {platform.machine()}, "
         f"os.cpu_count() {os.cpu_count()}, torch {torch.__version__}, pyro {pyro.__version__}",
         f"- each fit in its own process with torch.get_num_threads() = 1; {a['jobs']} parallel "
         f"fits; total wall time {wall:.0f} s; sum of the fits' CPU times "
@@ -468,7 +489,11 @@ def main():
     p.add_argument("--samples", type=int, help="MC samples for KL (20000; 4000 with --quick)")
     p.add_argument("--banana-sd", type=float, default=2.0, help="sd of x2 in the banana")
     p.add_argument("--init-scale", type=float, default=1.0, help="init_scale of pyro_nf guides")
-    p.add_argument("--hidden", default="64", help="AutoIAFFlow hidden_dims, e.g. 64 or 64,64")
+    p.add_argument(
+        "--hidden", default="64", help="AutoIAFFlow / AutoSplineFlow hidden_dims, e.g. 64 or 64,64"
+    )
+    p.add_argument("--spline-bins", type=int, default=8, help="AutoSplineFlow num_bins")
+    p.add_argument("--spline-bound", type=float, default=5.0, help="AutoSplineFlow bound")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel fits")
     p.add_argument("--quick", action="store_true", help="short CI configuration")
     p.add_argument("--out", default="examples/output", help="directory for the figure")

@@ -43,12 +43,16 @@ def test_every_layer_runs_on_the_device_of_its_parameters(name, context_dim, dty
     assert ladj.device.type == device and ladj.shape == (6,)
     x_back, ladj_back = t.inverse_and_ladj(y)
     assert x_back.device.type == device
-    torch.testing.assert_close(x_back, x, atol=TOL[dtype], rtol=TOL[dtype])
-    torch.testing.assert_close(ladj_back, ladj, atol=TOL[dtype], rtol=TOL[dtype])
+    # A random spline layer's float32 inverse loses more: round-off in each recovered coordinate
+    # is amplified by the steep bins of the ones that condition on it (2e-4 seen here); float64
+    # holds it to 1e-9 like every layer.
+    tol = 1e-3 if name.startswith("spline") and dtype == torch.float32 else TOL[dtype]
+    torch.testing.assert_close(x_back, x, atol=tol, rtol=tol)
+    torch.testing.assert_close(ladj_back, ladj, atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("transform", ["planar", "radial", "iaf"])
+@pytest.mark.parametrize("transform", ["planar", "radial", "iaf", "spline"])
 def test_amortized_flow_on_the_device_of_its_context(transform, device):
     flow = Flow(3, transform, 2, context_dim=4).to(device)
     h = torch.randn(5, 4, device=device)

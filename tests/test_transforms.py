@@ -27,6 +27,8 @@ from pyro_nf.transforms import (
 DIM = 4
 CONTEXT_DIM = 3
 
+_SPLINE_FLOORS = dict(min_bin_width=0.02, min_bin_height=0.02, min_derivative=0.02)
+
 # One entry per layer family: name -> factory(dim, context_dim).
 LAYERS = {
     "planar": lambda d, c: Planar(d, c),
@@ -39,11 +41,21 @@ LAYERS = {
         d, c, hidden_dims=(9,), order=[2, 0, 3, 1][:d] if d == 4 else None
     ),
     "iaf_gated": lambda d, c: AffineAutoregressive(d, c, hidden_dims=(16,), gate_bias=1.5),
-    # bound 3 < the tests' |x| up to ~8, so the identity tails are checked too
-    "spline": lambda d, c: SplineAutoregressive(d, c, hidden_dims=(16,), num_bins=5, bound=3.0),
-    "spline_reversed": lambda d, c: SplineAutoregressive(
-        d, c, hidden_dims=(12, 12), order=torch.arange(d).flip(0), num_bins=3, bound=4.0
+    # bound 3 < the tests' |x| up to ~8, so the identity tails are checked too. The floors keep
+    # the random bins' slopes above ~1e-2: with the defaults (1e-3) a perturbed layer can be so
+    # flat that float32 cannot recover x (the device tests), whatever the inverse's formula.
+    "spline": lambda d, c: SplineAutoregressive(
+        d, c, hidden_dims=(16,), num_bins=5, bound=3.0, **_SPLINE_FLOORS
     ),
+    "spline_reversed": lambda d, c: SplineAutoregressive(
+        d,
+        c,
+        hidden_dims=(12, 12),
+        order=torch.arange(d).flip(0),
+        num_bins=3,
+        bound=4.0,
+        **_SPLINE_FLOORS,
+    ),  # fmt: skip
     "affine": lambda d, c: Affine(d, c, init_loc=0.3, init_scale=2.0),
 }
 CASES = [(name, c) for name in LAYERS for c in (0, CONTEXT_DIM)]
