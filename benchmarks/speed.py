@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import platform
 import statistics
 import time
 
@@ -41,6 +40,7 @@ from pyro.infer.autoguide import AutoIAFNormal, AutoNormal, AutoNormalizingFlow
 from pyro.optim import Adam
 
 import pyro_nf
+from pyro_nf._machine import cpu_name
 from pyro_nf.fast import FastELBO
 
 N, D = 500, 21
@@ -154,13 +154,7 @@ def hand_written_step(K: int, X, y, fused: bool = False):
 
 
 def machine(device: torch.device) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
+    cpu = cpu_name()
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     if device.type == "cuda":
         cpu = f"GPU {torch.cuda.get_device_name(device)} (host: {cpu})"

@@ -303,7 +303,7 @@ def aggregate(runs, seeds):
         rs = [runs[(*key, s)] for s in seeds]
         kls = np.array([r["kl"] for r in rs])
         ok = np.isfinite(kls)
-        finite = [r for r in rs if np.isfinite(r["kl"])]
+        finite = [r for r, good in zip(rs, ok) if good]
         median = sorted(finite, key=lambda r: r["kl"])[(len(finite) - 1) // 2] if finite else rs[0]
         out[key] = dict(
             target=key[0],
@@ -363,19 +363,9 @@ def plot(results, targets, guides, quad, path, res, banana_sd):
     plt.close(fig)
 
 
-def _cpu_name():
-    """The CPU model from /proc/cpuinfo where there is one (platform.processor() is often empty)."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "?"
-
-
 def markdown(results, runs, targets, guides, quad, a, wall):
+    from pyro_nf._machine import cpu_name
+
     checks = [r["check"] for r in results.values() if np.isfinite(r["check"])]
     out = [
         "# Toy 2-D densities: KL(q||p) of fitted guides",
@@ -392,7 +382,7 @@ def markdown(results, runs, targets, guides, quad, a, wall):
         f"- pyro_nf: init_scale {a['init_scale']}, AutoIAFFlow and AutoSplineFlow hidden_dims "
         f"{tuple(a['hidden'])}, AutoSplineFlow {a['spline_bins']} bins on "
         f"[-{a['spline_bound']:g}, {a['spline_bound']:g}]; Pyro guides: their defaults",
-        f"- machine: processor {_cpu_name()}, machine {platform.machine()}, "
+        f"- machine: processor {cpu_name()}, machine {platform.machine()}, "
         f"os.cpu_count() {os.cpu_count()}, torch {torch.__version__}, pyro {pyro.__version__}",
         f"- each fit in its own process with torch.get_num_threads() = 1; {a['jobs']} parallel "
         f"fits; total wall time {wall:.0f} s; sum of the fits' CPU times "

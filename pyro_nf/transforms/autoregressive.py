@@ -192,6 +192,26 @@ class AutoregressiveTransform(FlowTransform):
         return self.inverse_and_ladj(y)[0]
 
 
+def made_layout(
+    dim: int, hidden_dims: Sequence[int] | None, order: Sequence[int] | Tensor | None
+) -> tuple[tuple[int, ...], Tensor]:
+    """Checked MADE hidden sizes and variable order of an autoregressive layer, with defaults.
+
+    ``hidden_dims`` defaults to ``(max(2 * dim, 16),)`` and ``order`` to ``range(dim)``; an int
+    for ``hidden_dims`` and an ``order`` that is not a permutation are refused.
+    """
+    if isinstance(hidden_dims, int):
+        raise TypeError(
+            f"hidden_dims must be a sequence of layer sizes, e.g. ({hidden_dims},) for one "
+            f"hidden layer of {hidden_dims} units; got the int {hidden_dims}"
+        )
+    hidden_dims = tuple(hidden_dims) if hidden_dims is not None else (max(2 * dim, 16),)
+    order = torch.arange(dim) if order is None else torch.as_tensor(order, dtype=torch.long)
+    if order.shape != (dim,) or not torch.equal(order.sort().values, torch.arange(dim)):
+        raise ValueError(f"order must be a permutation of range({dim}), got {order.tolist()}")
+    return hidden_dims, order
+
+
 class AffineAutoregressive(FlowModule):
     """Affine autoregressive layer (IAF direction) with a MADE conditioner, optionally conditional.
 
@@ -233,15 +253,7 @@ class AffineAutoregressive(FlowModule):
         gate_bias: float | None = None,
     ) -> None:
         super().__init__(dim, context_dim)
-        if isinstance(hidden_dims, int):
-            raise TypeError(
-                f"hidden_dims must be a sequence of layer sizes, e.g. ({hidden_dims},) for one "
-                f"hidden layer of {hidden_dims} units; got the int {hidden_dims}"
-            )
-        hidden_dims = tuple(hidden_dims) if hidden_dims is not None else (max(2 * dim, 16),)
-        order = torch.arange(dim) if order is None else torch.as_tensor(order, dtype=torch.long)
-        if order.shape != (dim,) or not torch.equal(order.sort().values, torch.arange(dim)):
-            raise ValueError(f"order must be a permutation of range({dim}), got {order.tolist()}")
+        hidden_dims, order = made_layout(dim, hidden_dims, order)
         self.register_buffer("order", order)
         self.made = MADE(dim, hidden_dims, order, context_dim, activation)
         # validates the bounds once, at construction

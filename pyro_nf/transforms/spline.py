@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .autoregressive import MADE
+from .autoregressive import MADE, made_layout
 from .base import FlowModule, FlowTransform
 
 __all__ = ["SplineAutoregressive", "SplineAutoregressiveTransform", "rational_quadratic_spline"]
@@ -137,13 +137,11 @@ def rational_quadratic_spline(
         den = torch.where(den == 0, torch.ones_like(den), den)
         xi = torch.where(pos, 2 * c, -b + sq) / den
         xi = xi.clamp(0.0, 1.0)
-        out = x0 + xi * w
     else:
         xi = ((xc - x0) / w).clamp(0.0, 1.0)
-        t = xi * (1 - xi)
-        out = y0 + h * (s * xi * xi + d0 * t) / (s + curv * t)
     t = xi * (1 - xi)
     denom = s + curv * t
+    out = x0 + xi * w if inverse else y0 + h * (s * xi * xi + d0 * t) / denom
     ladj = (
         2 * torch.log(s)
         + torch.log(d1 * xi * xi + 2 * s * t + d0 * (1 - xi) ** 2)
@@ -260,11 +258,7 @@ class SplineAutoregressive(FlowModule):
         min_derivative: float = 1e-3,
     ) -> None:
         super().__init__(dim, context_dim)
-        if isinstance(hidden_dims, int):
-            raise TypeError(
-                f"hidden_dims must be a sequence of layer sizes, e.g. ({hidden_dims},) for one "
-                f"hidden layer of {hidden_dims} units; got the int {hidden_dims}"
-            )
+        hidden_dims, order = made_layout(dim, hidden_dims, order)
         if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 2:
             raise ValueError(f"num_bins must be an integer >= 2, got {num_bins!r}")
         for name, v in [("min_bin_width", min_bin_width), ("min_bin_height", min_bin_height)]:
@@ -272,10 +266,6 @@ class SplineAutoregressive(FlowModule):
                 raise ValueError(f"{name} must be in (0, 1 / num_bins), got {v!r}")
         if not min_derivative > 0:
             raise ValueError(f"min_derivative must be positive, got {min_derivative!r}")
-        hidden_dims = tuple(hidden_dims) if hidden_dims is not None else (max(2 * dim, 16),)
-        order = torch.arange(dim) if order is None else torch.as_tensor(order, dtype=torch.long)
-        if order.shape != (dim,) or not torch.equal(order.sort().values, torch.arange(dim)):
-            raise ValueError(f"order must be a permutation of range({dim}), got {order.tolist()}")
         self.register_buffer("order", order)
         self.num_bins = num_bins
         self.made = MADE(
