@@ -318,13 +318,18 @@ def test_spline_bad_arguments():
         SplineAutoregressive(3, bound=float("inf"))
     with pytest.raises(ValueError, match="min_bin_width"):
         SplineAutoregressive(3, num_bins=10, min_bin_width=0.2)
-    with pytest.raises(ValueError, match="min_derivative"):
-        SplineAutoregressive(3, min_derivative=0.0)
+    for bad in (0.0, 1.0, float("nan")):
+        with pytest.raises(ValueError, match="min_derivative"):
+            SplineAutoregressive(3, min_derivative=bad)
     with pytest.raises(TypeError, match=r"hidden_dims must be a sequence"):
         SplineAutoregressive(3, hidden_dims=40)
     zero = torch.zeros(4)
     with pytest.raises(ValueError, match="K - 1 derivatives"):
         rational_quadratic_spline(zero[0], zero, zero, zero)
+    with pytest.raises(ValueError, match="bound"):
+        rational_quadratic_spline(zero[0], zero, zero, zero[:3], bound=0.0)
+    with pytest.raises(ValueError, match="min_bin_height"):
+        rational_quadratic_spline(zero[0], zero, zero, zero[:3], min_bin_height=0.3)
 
 
 def test_rational_quadratic_spline_is_monotone_and_exact():

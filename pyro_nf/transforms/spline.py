@@ -59,6 +59,24 @@ def _gather(t: Tensor, idx: Tensor) -> Tensor:
     return torch.gather(t, -1, idx.unsqueeze(-1)).squeeze(-1)
 
 
+def _check_spline_args(
+    num_bins: int | None, bound: float, min_bin_width: float, min_bin_height: float,
+    min_derivative: float,
+) -> None:  # fmt: skip
+    """Refuse spline settings that would give a wrong or undefined map, naming the argument."""
+    if not (isinstance(bound, (int, float)) and not isinstance(bound, bool)) or not (
+        math.isfinite(bound) and bound > 0
+    ):
+        raise ValueError(f"bound must be a positive finite number, got {bound!r}")
+    if num_bins is not None:
+        for name, v in [("min_bin_width", min_bin_width), ("min_bin_height", min_bin_height)]:
+            if not 0 < v * num_bins < 1:
+                raise ValueError(f"{name} must be in (0, 1 / num_bins), got {v!r}")
+    # the inner derivatives are min_derivative + softplus(raw + c), with c = log(e^(1 - min) - 1)
+    if not 0 < min_derivative < 1:
+        raise ValueError(f"min_derivative must be in (0, 1), got {min_derivative!r}")
+
+
 def rational_quadratic_spline(
     x: Tensor,
     raw_widths: Tensor,
@@ -80,7 +98,7 @@ def rational_quadratic_spline(
         bound: the spline acts on ``[-bound, bound]``.
         inverse: evaluate the inverse map instead.
         min_bin_width, min_bin_height, min_derivative: lower bounds that keep the map well
-            conditioned.
+            conditioned; the bin floors in ``(0, 1 / K)``, the derivative floor in ``(0, 1)``.
 
     Returns:
         ``(y, log|dy/dx|)``, each of shape ``x.shape``; with ``inverse=True``, ``(x, log|dy/dx|)``
@@ -101,8 +119,7 @@ def rational_quadratic_spline(
             f"need K widths, K heights and K - 1 derivatives, got {raw_widths.shape[-1]}, "
             f"{raw_heights.shape[-1]} and {raw_derivatives.shape[-1]}"
         )
-    if min_bin_width * k >= 1 or min_bin_height * k >= 1:
-        raise ValueError("min_bin_width and min_bin_height times the number of bins must be < 1")
+    _check_spline_args(k, bound, min_bin_width, min_bin_height, min_derivative)
     widths, xk = _knots(raw_widths, bound, min_bin_width)
     heights, yk = _knots(raw_heights, bound, min_bin_height)
     shift = math.log(math.expm1(1.0 - min_derivative))  # softplus(0 + shift) + min_d = 1
@@ -184,10 +201,7 @@ class SplineAutoregressiveTransform(FlowTransform):
         min_derivative: float = 1e-3,
     ) -> None:
         super().__init__()
-        if not (isinstance(bound, (int, float)) and not isinstance(bound, bool)) or not (
-            math.isfinite(bound) and bound > 0
-        ):
-            raise ValueError(f"bound must be a positive finite number, got {bound!r}")
+        _check_spline_args(None, bound, min_bin_width, min_bin_height, min_derivative)
         self.conditioner = conditioner
         self.bound = float(bound)
         self.mins = dict(
@@ -261,11 +275,7 @@ class SplineAutoregressive(FlowModule):
         hidden_dims, order = made_layout(dim, hidden_dims, order)
         if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 2:
             raise ValueError(f"num_bins must be an integer >= 2, got {num_bins!r}")
-        for name, v in [("min_bin_width", min_bin_width), ("min_bin_height", min_bin_height)]:
-            if not 0 < v * num_bins < 1:
-                raise ValueError(f"{name} must be in (0, 1 / num_bins), got {v!r}")
-        if not min_derivative > 0:
-            raise ValueError(f"min_derivative must be positive, got {min_derivative!r}")
+        _check_spline_args(num_bins, bound, min_bin_width, min_bin_height, min_derivative)
         self.register_buffer("order", order)
         self.num_bins = num_bins
         self.made = MADE(
@@ -276,7 +286,6 @@ class SplineAutoregressive(FlowModule):
             min_bin_width=float(min_bin_width), min_bin_height=float(min_bin_height),
             min_derivative=float(min_derivative),
         )  # fmt: skip
-        SplineAutoregressiveTransform(self._conditioner(None), self.bound, **self.mins)  # validates
 
     def _conditioner(self, context: Tensor | None) -> Callable[[Tensor], Tensor]:
         def conditioner(x: Tensor) -> Tensor:
