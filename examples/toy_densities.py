@@ -19,8 +19,15 @@ Targets (z = (z1, z2) is the single latent site ``x`` of shape (2,)):
 Each target is the model ``x ~ ImproperUniform(real, (), (2,))`` plus
 ``pyro.factor("U", -U(x))``.  Guides: pyro_nf.AutoPlanarFlow, AutoRadialFlow,
 AutoIAFFlow and AutoSplineFlow at several depths, and Pyro's AutoNormalizingFlow
-(16 planar layers), AutoIAFNormal and AutoNormal, all with the same steps, lr and
-particles (8, vectorized), each over three training seeds (``--num-seeds``):
+(16 planar layers), AutoIAFNormal and AutoNormal, all with the same steps, learning-rate
+schedule and particles (8, vectorized), each over three training seeds (``--num-seeds``).
+The schedule (``--schedule``) is a cosine decay of Adam's learning rate from ``--lr`` (0.005)
+to 2% of it at the last step: at a constant rate the fitted parameters keep jittering and the
+final KL is that of a random iterate (on the banana the KL of one fit moves between 0.026 and
+0.058 over its last 1000 steps at lr 0.005). Pyro's guides also run at the constant rate
+(rows "constant lr"), and "best Pyro flow" in the goals is the better of the two, so the
+schedule cannot handicap them. Two spline rows use a deeper MADE and 16 bins. Each
+configuration runs over three training seeds (``--num-seeds``):
 on these energies one seed's KL can differ from another's by a factor of
 several, because reverse KL settles in optima that cover part of the target,
 so the tables give the mean and sd over seeds and the goals use the mean.  Metric: KL(q||p) = E_q[log q(x) + U(x)] + log Z, with log Z from
@@ -71,7 +78,7 @@ from pyro.distributions.transforms import iterated, planar
 from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoIAFNormal, AutoNormal, AutoNormalizingFlow, init_to_value
 from pyro.infer.autoguide.initialization import InitMessenger
-from pyro.optim import Adam
+from pyro.optim import Adam, LambdaLR
 
 # Let `python examples/toy_densities.py` find the checkout's pyro_nf when it is not installed.
 sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -167,12 +174,25 @@ def log_normaliser(energy, box, n):
 
 # ----------------------------------------------------------------------------- guides
 
-PYRO_GUIDES = [("pyro-planar", 16), ("pyro-iaf", 1), ("pyro-normal", 0)]
-FULL_GUIDES = [("planar", k) for k in (8, 16, 32)] + [("radial", k) for k in (8, 32)]
-FULL_GUIDES += [("iaf", k) for k in (1, 2, 4)] + [("spline", k) for k in (1, 2)] + PYRO_GUIDES
-QUICK_GUIDES = [("planar", 8), ("radial", 8), ("iaf", 2), ("spline", 1)]
+PYRO_GUIDES = [("pyro-planar", 16, ""), ("pyro-iaf", 1, ""), ("pyro-normal", 0, "")]
+# Pyro's guides also run under a constant learning rate, and "best Pyro flow" is the better of the
+# two schedules: the schedule of the table never handicaps them.
+PYRO_CONSTANT = [(f, k, "constant lr") for f, k, _ in PYRO_GUIDES]
+FULL_GUIDES = [("planar", k, "") for k in (8, 16, 32)] + [("radial", k, "") for k in (8, 32)]
+FULL_GUIDES += [("iaf", k, "") for k in (1, 2, 4)] + [("spline", k, "") for k in (1, 2)]
+FULL_GUIDES += [("spline", 1, "2x64, 16 bins"), ("spline", 1, "3x64, 16 bins")]
+FULL_GUIDES += PYRO_GUIDES + PYRO_CONSTANT
+QUICK_GUIDES = [("planar", 8, ""), ("radial", 8, ""), ("iaf", 2, ""), ("spline", 1, "")]
 QUICK_GUIDES += PYRO_GUIDES
 PYRO_NF = ("planar", "radial", "iaf", "spline")
+#: a variant's settings over the command line's: splines with a deeper MADE and 16 bins, and
+#: "constant lr", which keeps the learning rate constant whatever --schedule says
+VARIANTS = {
+    "": {},
+    "2x64, 16 bins": {"hidden": [64, 64], "spline_bins": 16},
+    "3x64, 16 bins": {"hidden": [64, 64, 64], "spline_bins": 16},
+    "constant lr": {"schedule": "constant"},
+}
 
 
 NAMES = {
@@ -186,8 +206,32 @@ NAMES = {
 }
 
 
-def label(family, k):
-    return f"pyro_nf.{NAMES[family]} K={k}" if family in PYRO_NF else f"Pyro {NAMES[family]}"
+def label(family, k, variant=""):
+    name = f"pyro_nf.{NAMES[family]} K={k}" if family in PYRO_NF else f"Pyro {NAMES[family]}"
+    v = VARIANTS[variant]
+    if "hidden" in v:
+        return f"{name}, hidden {tuple(v['hidden'])}, {v['spline_bins']} bins"
+    return f"{name}, {variant}" if variant else name
+
+
+def schedule_text(a):
+    if a.get("schedule", "constant") == "constant":
+        return "(constant)"
+    return f"(cosine decay to {a['lr'] * a['lr_final']:g} at the last step)"
+
+
+def settings(a, variant):
+    """The command line's settings with a variant's applied."""
+    return {**a, **VARIANTS[variant]}
+
+
+def lr_factor(schedule, steps, final):
+    """Multiplier of the learning rate at step t: 1, or a cosine from 1 down to ``final``."""
+    if schedule == "constant":
+        return lambda t: 1.0
+    if schedule == "cosine":
+        return lambda t: final + (1 - final) * 0.5 * (1 + math.cos(math.pi * t / max(steps - 1, 1)))
+    raise ValueError(f"schedule must be 'constant' or 'cosine', got {schedule!r}")
 
 
 def make_guide(family, k, model, init_scale, hidden, spline_bins=8, spline_bound=5.0):
@@ -243,9 +287,13 @@ def _warm_up():
 
 def fit_one(task):
     """Fit one guide to one target with one seed; return metrics and a plot image (in a worker)."""
-    name, family, k, seed, a, log_z = task
+    name, family, k, variant, seed, a, log_z = task
+    a = settings(a, variant)
     torch.set_num_threads(1)
-    pyro.set_rng_seed(seed + zlib.crc32(f"{name}/{family}/{k}".encode()) % 100003)
+    # the "constant lr" twin of a guide draws the same random numbers as the guide
+    schedule_only = set(VARIANTS[variant]) <= {"schedule"}
+    tag = f"{name}/{family}/{k}" + ("" if schedule_only else f"/{variant}")
+    pyro.set_rng_seed(seed + zlib.crc32(tag.encode()) % 100003)
     pyro.clear_param_store()
     energy, _, plot_box = target(name, a["banana_sd"])
     model = make_model(energy)
@@ -254,6 +302,7 @@ def fit_one(task):
         target=name,
         family=family,
         k=k,
+        variant=variant,
         seed=seed,
         kl=math.nan,
         se=math.nan,
@@ -274,10 +323,19 @@ def fit_one(task):
             vectorize_particles=a["particles"] > 1,
             max_plate_nesting=0,
         )
-        svi = SVI(model, guide, Adam({"lr": a["lr"]}), elbo)
+        scheduled = a.get("schedule", "constant") != "constant"
+        if not scheduled:
+            optim = Adam({"lr": a["lr"]})
+        else:
+            factor = lr_factor(a["schedule"], a["steps"], a["lr_final"])
+            optim = LambdaLR({"optimizer": torch.optim.Adam, "optim_args": {"lr": a["lr"]},
+                              "lr_lambda": factor})  # fmt: skip
+        svi = SVI(model, guide, optim, elbo)
         t0, c0 = time.perf_counter(), time.process_time()
         for _ in range(a["steps"]):
             svi.step()
+            if scheduled:
+                optim.step()  # the scheduler: step t + 1 uses lr * factor(t + 1)
         res["seconds"], res["cpu"] = time.perf_counter() - t0, time.process_time() - c0
         with torch.no_grad():
             x, logq = sample_logq(guide, a["samples"])
@@ -289,7 +347,7 @@ def fit_one(task):
             res["is_ratio"] = np.exp(log_w - log_z).mean()  # E_q[p/q], ~1 (see markdown)
             res["image"], res["kind"] = density_image(guide, family, x, plot_box, a["res"])
     except Exception as e:  # keep the other fits; the failure shows as nan in the tables
-        print(f"FAILED {name} {label(family, k)}: {e!r}")
+        print(f"FAILED {name} {label(family, k, variant)}: {e!r}")
     return res
 
 
@@ -297,9 +355,10 @@ def fit_one(task):
 
 
 def aggregate(runs, seeds):
-    """Per (target, family, K): the metrics over seeds; the image is the median-KL seed's fit."""
+    """Per (target, family, K, variant): the metrics over seeds; the image is the median-KL seed's
+    fit."""
     out = {}
-    for key in {r[:3] for r in runs}:
+    for key in {r[:4] for r in runs}:
         rs = [runs[(*key, s)] for s in seeds]
         kls = np.array([r["kl"] for r in rs])
         ok = np.isfinite(kls)
@@ -309,6 +368,7 @@ def aggregate(runs, seeds):
             target=key[0],
             family=key[1],
             k=key[2],
+            variant=key[3],
             kls=kls,
             # a failed seed makes the mean nan: it is never quietly left out
             kl=kls.mean() if ok.all() else math.nan,
@@ -332,8 +392,8 @@ def plot(results, targets, guides, quad, path, res, banana_sd):
     import matplotlib.pyplot as plt
 
     fams = ("planar", "radial", "iaf", "spline", "pyro-planar", "pyro-iaf", "pyro-normal")
-    cols = [(fam, [k for f, k in guides if f == fam]) for fam in fams]
-    cols = [c for c in cols if c[1]]  # best depth of each family, in this order
+    cols = [(fam, [(k, v) for f, k, v in guides if f == fam]) for fam in fams]
+    cols = [c for c in cols if c[1]]  # best configuration of each family, in this order
     nr, nc = len(targets), len(cols) + 1
     fig, axes = plt.subplots(nr, nc, figsize=(2.2 * nc, 2.2 * nr), squeeze=False)
     for i, t in enumerate(targets):
@@ -342,10 +402,12 @@ def plot(results, targets, guides, quad, path, res, banana_sd):
         true = (-energy(pts) - quad[t][0]).exp().reshape(res, res).numpy()
         panels = [("true density", true, "")]
         for fam, ks in cols:
-            rs = [results[(t, fam, k)] for k in ks]
+            rs = [results[(t, fam, k, v)] for k, v in ks]
             best = min(rs, key=lambda r: r["kl"] if np.isfinite(r["kl"]) else math.inf)  # mean
             name = label(fam, best["k"]).split(" K=")[0].replace("pyro_nf.", "")
             depth = f"K={best['k']}, " if fam in PYRO_NF else ""
+            depth += {"": "", "constant lr": "const. lr, "}.get(best["variant"], "MADE ")
+            depth += best["variant"] + ", " if "hidden" in VARIANTS[best["variant"]] else ""
             note = f"{depth}KL={best['median_kl']:.3f}\n(median seed)"
             panels.append((name.replace(" (", "\n("), best["image"], note))
         for j, (title, img, note) in enumerate(panels):
@@ -374,14 +436,21 @@ def markdown(results, runs, targets, guides, quad, a, wall):
         "",
         "## Settings",
         "",
-        f"- steps {a['steps']}, Adam lr {a['lr']}, ELBO particles {a['particles']} "
-        "(vectorized), the same for every guide",
+        f"- steps {a['steps']}, Adam lr {a['lr']} {schedule_text(a)}, ELBO particles "
+        f"{a['particles']} (vectorized), the same for every guide"
+        + (
+            "; Pyro's guides also with a constant lr (rows 'constant lr'), and 'best Pyro flow' "
+            "in the goals is the better of the two schedules"
+            if any(v == "constant lr" for _, _, v in guides)
+            else ""
+        ),
         f"- training seeds {', '.join(map(str, a['seeds']))} for every configuration; a fit's "
         "seed is the training seed plus a hash of its target, family and K",
         f"- KL Monte Carlo samples per fit {a['samples']}; quadrature grid {a['quad']}^2 points",
         f"- pyro_nf: init_scale {a['init_scale']}, AutoIAFFlow and AutoSplineFlow hidden_dims "
         f"{tuple(a['hidden'])}, AutoSplineFlow {a['spline_bins']} bins on "
-        f"[-{a['spline_bound']:g}, {a['spline_bound']:g}]; Pyro guides: their defaults",
+        f"[-{a['spline_bound']:g}, {a['spline_bound']:g}] (rows that name other hidden sizes "
+        "and bins use those); Pyro guides: their defaults",
         f"- machine: processor {cpu_name()}, machine {platform.machine()}, "
         f"os.cpu_count() {os.cpu_count()}, torch {torch.__version__}, pyro {pyro.__version__}",
         f"- each fit in its own process with torch.get_num_threads() = 1; {a['jobs']} parallel "
@@ -435,9 +504,9 @@ def markdown(results, runs, targets, guides, quad, a, wall):
             "| guide | " + " | ".join(targets) + " |",
             "|---" * (len(targets) + 1) + "|",
         ]
-        for f, k in guides:
-            cells = " | ".join(fmt(results[(t, f, k)]) for t in targets)
-            out.append(f"| {label(f, k)} | {cells} |")
+        for f, k, v in guides:
+            cells = " | ".join(fmt(results[(t, f, k, v)]) for t in targets)
+            out.append(f"| {label(f, k, v)} | {cells} |")
     out += [
         "",
         "## Goals (set for the full configuration; judged on the mean KL over seeds)",
@@ -447,8 +516,12 @@ def markdown(results, runs, targets, guides, quad, a, wall):
 
 
 def goals(results, targets, guides):
-    def best(t, fams, k=None):
-        rs = [results[(t, f, j)] for f, j in guides if f in fams and k in (None, j)]
+    def best(t, fams, k=None, variants=None):
+        rs = [
+            results[(t, f, j, v)]
+            for f, j, v in guides
+            if f in fams and k in (None, j) and (variants is None or v in variants)
+        ]
         return min((r["kl"] for r in rs), default=math.nan)
 
     def verdict(value, ok):
@@ -458,9 +531,10 @@ def goals(results, targets, guides):
     if "banana" in targets:
         kl = best("banana", ["iaf"])
         lines.append(f"banana: best AutoIAFFlow KL {kl:.3f} <= 0.03: {verdict(kl, kl <= 0.03)}")
-        kl = best("banana", ["planar"], 16)
+        kl = best("banana", ["planar"], 16, [""])
         lines.append(f"banana: AutoPlanarFlow K=16 KL {kl:.3f} <= 0.15: {verdict(kl, kl <= 0.15)}")
     for t in [t for t in targets if t != "banana"]:
+        # Pyro's best flow: over every Pyro flow row, both learning-rate schedules
         ours, theirs = best(t, PYRO_NF), best(t, ["pyro-planar", "pyro-iaf"])
         ok = verdict(ours + theirs, ours <= 0.5 * theirs)
         lines.append(f"{t}: best pyro_nf KL {ours:.3f} <= 0.5 x best Pyro flow {theirs:.3f}: {ok}")
@@ -470,12 +544,23 @@ def goals(results, targets, guides):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, help="Adam steps per fit (3000; 300 with --quick)")
-    p.add_argument("--lr", type=float, default=0.005)
+    p.add_argument("--lr", type=float, default=0.005, help="Adam's (peak) learning rate")
+    p.add_argument(
+        "--schedule", choices=("cosine", "constant"), default="cosine",
+        help="learning rate over the steps, every guide: cosine from --lr down to --lr x "
+        "--lr-final (default), or constant; Pyro's guides also run at a constant rate",
+    )  # fmt: skip
+    p.add_argument(
+        "--lr-final", type=float, default=0.02,
+        help="the cosine schedule's last learning rate as a fraction of --lr (0.02)",
+    )  # fmt: skip
     p.add_argument("--particles", type=int, default=8, help="ELBO particles, every guide (8)")
     p.add_argument("--seed", type=int, default=0, help="first training seed")
     p.add_argument("--num-seeds", type=int, help="training seeds per fit (3; 1 with --quick)")
     p.add_argument("--targets", default=",".join(TARGETS))
-    p.add_argument("--guides", help="subset of planar,radial,iaf,pyro-planar,pyro-iaf,pyro-normal")
+    p.add_argument(
+        "--guides", help="subset of planar,radial,iaf,spline,pyro-planar,pyro-iaf,pyro-normal"
+    )
     p.add_argument("--samples", type=int, help="MC samples for KL (20000; 4000 with --quick)")
     p.add_argument("--banana-sd", type=float, default=2.0, help="sd of x2 in the banana")
     p.add_argument("--init-scale", type=float, default=1.0, help="init_scale of pyro_nf guides")
@@ -496,14 +581,21 @@ def main():
     a.num_seeds = a.num_seeds or (1 if a.quick else 3)
     if a.num_seeds < 1 or a.particles < 1:
         p.error("--num-seeds and --particles must be at least 1")
+    if not 0 < a.lr_final <= 1:
+        p.error("--lr-final must be in (0, 1]")
     a.seeds = list(range(a.seed, a.seed + a.num_seeds))
     a.samples = a.samples or (4000 if a.quick else 20000)
     a.quad, a.res = (400, 80) if a.quick else (1000, 150)
     a.results = a.results or f"benchmarks/results/toy_densities{sfx}.md"
     targets = a.targets.split(",")
     guides = QUICK_GUIDES if a.quick else FULL_GUIDES
+    if a.schedule == "constant":  # the constant-lr twins would repeat the rows
+        guides = [g for g in guides if g[2] != "constant lr"]
     if a.guides:
-        guides = [(f, k) for f, k in guides if f in a.guides.split(",")]
+        unknown = set(a.guides.split(",")) - set(NAMES)
+        if unknown:
+            p.error(f"unknown --guides {sorted(unknown)}; choose from {list(NAMES)}")
+        guides = [g for g in guides if g[0] in a.guides.split(",")]
     torch.set_num_threads(1)
     t_start = time.perf_counter()
 
@@ -513,31 +605,34 @@ def main():
         print(f"{t}: log Z = {quad[t][0]:.6f} (mass in outer 2% frame {quad[t][1]:.1e}){exact}")
 
     cfg = dict(vars(a))
-    tasks = [(t, f, k, s, cfg, quad[t][0]) for t in targets for f, k in guides for s in a.seeds]
+    tasks = [
+        (t, f, k, v, s, cfg, quad[t][0]) for t in targets for f, k, v in guides for s in a.seeds
+    ]
     tasks.sort(key=lambda task: -(task[2] + 1))  # deepest first, for load balance
     out = []
     with ProcessPoolExecutor(a.jobs, get_context("spawn"), initializer=_warm_up) as ex:
         for r in ex.map(fit_one, tasks):  # in order, so progress lags the fastest fits a little
             out.append(r)
             print(
-                f"[{len(out)}/{len(tasks)}] {r['target']:6s} {label(r['family'], r['k']):34s} "
+                f"[{len(out)}/{len(tasks)}] {r['target']:6s} "
+                f"{label(r['family'], r['k'], r['variant']):34s} "
                 f"seed {r['seed']}  KL {r['kl']:.3f} +- {r['se']:.3f}  {r['seconds']:.0f} s  "
                 f"check {r['check']:.1e}",
                 flush=True,
             )
-    runs = {(r["target"], r["family"], r["k"], r["seed"]): r for r in out}
+    runs = {(r["target"], r["family"], r["k"], r["variant"], r["seed"]): r for r in out}
     results = aggregate(runs, a.seeds)
     wall = time.perf_counter() - t_start
 
     print(
         f"\nKL(q||p), mean +- sd over seeds {a.seeds} [fit seconds]  ({a.steps} steps, "
-        f"lr {a.lr}, {a.particles} particle(s), {a.samples} MC samples)"
+        f"lr {a.lr} {schedule_text(cfg)}, {a.particles} particle(s), {a.samples} MC samples)"
     )
-    print(f"{'guide':38s}" + "".join(f"{t:>24s}" for t in targets))
-    for f, k in guides:
-        rs = [results[(t, f, k)] for t in targets]
+    print(f"{'guide':66s}" + "".join(f"{t:>24s}" for t in targets))
+    for f, k, v in guides:
+        rs = [results[(t, f, k, v)] for t in targets]
         cells = [f"{r['kl']:>9.3f} +-{r['kl_sd']:6.3f} [{r['seconds']:4.0f}s]" for r in rs]
-        print(f"{label(f, k):38s}" + "".join(cells))
+        print(f"{label(f, k, v):66s}" + "".join(cells))
     checks = [r["check"] for r in out if np.isfinite(r["check"])]
     if checks:
         print(f"max |get_posterior().log_prob - trace log q| (pyro_nf fits): {max(checks):.1e}")
