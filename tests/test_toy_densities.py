@@ -30,10 +30,10 @@ def test_banana_quadrature_recovers_its_known_normaliser():
     assert outer < 1e-6
 
 
-def _task(family, k, seed=0, steps=20):
+def _task(family, k, seed=0, steps=20, variant="", schedule="cosine"):
     cfg = dict(seed=0, banana_sd=2.0, res=8, init_scale=1.0, hidden=[8], particles=2,
-               lr=0.005, steps=steps, samples=200)  # fmt: skip
-    return ("U2", family, k, seed, cfg, 2.22763)
+               lr=0.005, steps=steps, samples=200, schedule=schedule, lr_final=0.02)  # fmt: skip
+    return ("U2", family, k, variant, seed, cfg, 2.22763)
 
 
 @pytest.mark.parametrize("family", ["spline", "iaf", "pyro-iaf"])
@@ -50,16 +50,58 @@ def test_fits_are_seeded_by_seed_and_name():
     assert a["kl"] == b["kl"] and a["kl"] != c["kl"]
 
 
+def test_constant_lr_twin_shares_the_seed_and_differs_only_by_the_schedule():
+    cosine = toy.fit_one(_task("iaf", 1, steps=30))
+    constant = toy.fit_one(_task("iaf", 1, steps=30, schedule="constant"))
+    twin = toy.fit_one(_task("iaf", 1, steps=30, variant="constant lr"))
+    assert twin["kl"] == constant["kl"] != cosine["kl"]
+    assert twin["variant"] == "constant lr"
+
+
+def test_deeper_spline_variant_uses_its_own_settings():
+    a = toy.settings({"hidden": [8], "spline_bins": 8, "lr": 0.005}, "3x64, 16 bins")
+    assert a["hidden"] == [64, 64, 64] and a["spline_bins"] == 16 and a["lr"] == 0.005
+    assert "hidden (64, 64, 64), 16 bins" in toy.label("spline", 1, "3x64, 16 bins")
+    r = toy.fit_one(_task("spline", 1, steps=3, variant="2x64, 16 bins"))
+    assert r["kind"] != "failed" and np.isfinite(r["kl"])
+
+
+def test_cosine_schedule_runs_from_one_to_the_final_fraction():
+    f = toy.lr_factor("cosine", 3000, 0.02)
+    assert f(0) == pytest.approx(1.0) and f(2999) == pytest.approx(0.02)
+    assert f(1500) == pytest.approx(0.51, abs=1e-3)
+    assert all(f(t) >= f(t + 1) for t in range(0, 3000, 7))  # never rises
+    assert toy.lr_factor("constant", 3000, 0.02)(2999) == 1.0
+    with pytest.raises(ValueError, match="schedule"):
+        toy.lr_factor("linear", 10, 0.1)
+
+
+def test_goals_take_pyros_best_flow_over_both_schedules():
+    def r(kl):
+        return {"kl": kl}
+
+    guides = [("spline", 1, ""), ("pyro-planar", 16, ""), ("pyro-planar", 16, "constant lr")]
+    results = {
+        ("U2", "spline", 1, ""): r(0.2),
+        ("U2", "pyro-planar", 16, ""): r(0.9),
+        ("U2", "pyro-planar", 16, "constant lr"): r(0.3),
+    }
+    (line,) = toy.goals(results, ["U2"], guides)
+    assert "best Pyro flow 0.300" in line and line.endswith("FAIL")  # 0.2 > 0.5 x 0.3
+    results[("U2", "spline", 1, "")] = r(0.1)
+    assert toy.goals(results, ["U2"], guides)[0].endswith("PASS")
+
+
 def test_aggregate_over_seeds():
     def run(seed, kl):
         return dict(kl=kl, se=0.01, is_ratio=1.0, check=1e-6, seconds=1.0, cpu=1.0,
                     image=np.full((2, 2), seed), kind="density", seed=seed)  # fmt: skip
 
-    runs = {("U1", "spline", 1, s): run(s, kl) for s, kl in enumerate([0.3, 0.1, 0.2])}
-    runs.update({("U1", "iaf", 2, s): run(s, kl) for s, kl in enumerate([0.3, math.nan, 0.2])})
+    runs = {("U1", "spline", 1, "", s): run(s, kl) for s, kl in enumerate([0.3, 0.1, 0.2])}
+    runs.update({("U1", "iaf", 2, "", s): run(s, kl) for s, kl in enumerate([0.3, math.nan, 0.2])})
     out = toy.aggregate(runs, [0, 1, 2])
-    r = out[("U1", "spline", 1)]
+    r = out[("U1", "spline", 1, "")]
     assert r["kl"] == pytest.approx(0.2) and r["kl_sd"] == pytest.approx(0.1)
     assert r["median_kl"] == 0.2 and (r["image"] == 2).all()  # the median seed's picture
-    failed = out[("U1", "iaf", 2)]
+    failed = out[("U1", "iaf", 2, "")]
     assert math.isnan(failed["kl"])  # a failed seed is never left out of the mean quietly
