@@ -23,8 +23,7 @@ AutoIAFFlow and AutoSplineFlow at several depths, and Pyro's AutoNormalizingFlow
 schedule and particles (8, vectorized), each over three training seeds (``--num-seeds``).
 The schedule (``--schedule``) is a cosine decay of Adam's learning rate from ``--lr`` (0.005)
 to 2% of it at the last step: at a constant rate the fitted parameters keep jittering and the
-final KL is that of a random iterate (on the banana the KL of one fit moves between 0.026 and
-0.058 over its last 1000 steps at lr 0.005). Pyro's guides also run at the constant rate
+final KL is that of a random late iterate. Pyro's guides also run at the constant rate
 (rows "constant lr"), and "best Pyro flow" in the goals is the better of the two, so the
 schedule cannot handicap them. Two spline rows use a deeper MADE and 16 bins. Each
 configuration runs over three training seeds (``--num-seeds``):
@@ -53,8 +52,8 @@ Figure: ``--out`` (default examples/output); table: ``--results`` (default
 benchmarks/results/toy_densities.md, or toy_densities_quick.md with --quick).
 Fits run in ``--jobs`` processes with one torch thread each; every fit is
 seeded from ``--seed`` and its own name, so results do not depend on --jobs.
-Cost (2-core AMD EPYC, torch 2.13): the full run (195 fits) is about 4100
-CPU-seconds of fitting (some 35 minutes on 2 cores), --quick about 50.
+Cost (2-core AMD EPYC, torch 2.13): the full run (270 fits) is about 5600
+CPU-seconds of fitting (48 minutes on 2 cores), --quick about 30.
 """
 
 import argparse
@@ -408,7 +407,7 @@ def plot(results, targets, guides, quad, path, res, banana_sd):
             depth = f"K={best['k']}, " if fam in PYRO_NF else ""
             depth += {"": "", "constant lr": "const. lr, "}.get(best["variant"], "MADE ")
             depth += best["variant"] + ", " if "hidden" in VARIANTS[best["variant"]] else ""
-            note = f"{depth}KL={best['median_kl']:.3f}\n(median seed)"
+            note = f"{depth.rstrip(', ')}\nKL={best['median_kl']:.3f} (median seed)".lstrip("\n")
             panels.append((name.replace(" (", "\n("), best["image"], note))
         for j, (title, img, note) in enumerate(panels):
             ax = axes[i, j]
