@@ -77,7 +77,7 @@ from pyro.distributions.transforms import iterated, planar
 from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoIAFNormal, AutoNormal, AutoNormalizingFlow, init_to_value
 from pyro.infer.autoguide.initialization import InitMessenger
-from pyro.optim import Adam, LambdaLR
+from pyro.optim import LambdaLR
 
 # Let `python examples/toy_densities.py` find the checkout's pyro_nf when it is not installed.
 sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -322,19 +322,15 @@ def fit_one(task):
             vectorize_particles=a["particles"] > 1,
             max_plate_nesting=0,
         )
-        scheduled = a.get("schedule", "constant") != "constant"
-        if not scheduled:
-            optim = Adam({"lr": a["lr"]})
-        else:
-            factor = lr_factor(a["schedule"], a["steps"], a["lr_final"])
-            optim = LambdaLR({"optimizer": torch.optim.Adam, "optim_args": {"lr": a["lr"]},
-                              "lr_lambda": factor})  # fmt: skip
+        # a constant factor gives exactly the updates of a plain pyro.optim.Adam
+        factor = lr_factor(a["schedule"], a["steps"], a["lr_final"])
+        optim = LambdaLR({"optimizer": torch.optim.Adam, "optim_args": {"lr": a["lr"]},
+                          "lr_lambda": factor})  # fmt: skip
         svi = SVI(model, guide, optim, elbo)
         t0, c0 = time.perf_counter(), time.process_time()
         for _ in range(a["steps"]):
             svi.step()
-            if scheduled:
-                optim.step()  # the scheduler: step t + 1 uses lr * factor(t + 1)
+            optim.step()  # the scheduler: step t + 1 uses lr * factor(t + 1)
         res["seconds"], res["cpu"] = time.perf_counter() - t0, time.process_time() - c0
         with torch.no_grad():
             x, logq = sample_logq(guide, a["samples"])
@@ -404,10 +400,12 @@ def plot(results, targets, guides, quad, path, res, banana_sd):
             rs = [results[(t, fam, k, v)] for k, v in ks]
             best = min(rs, key=lambda r: r["kl"] if np.isfinite(r["kl"]) else math.inf)  # mean
             name = label(fam, best["k"]).split(" K=")[0].replace("pyro_nf.", "")
-            depth = f"K={best['k']}, " if fam in PYRO_NF else ""
-            depth += {"": "", "constant lr": "const. lr, "}.get(best["variant"], "MADE ")
-            depth += best["variant"] + ", " if "hidden" in VARIANTS[best["variant"]] else ""
-            note = f"{depth.rstrip(', ')}\nKL={best['median_kl']:.3f} (median seed)".lstrip("\n")
+            v = best["variant"]
+            parts = [f"K={best['k']}"] if fam in PYRO_NF else []
+            parts += [{"constant lr": "const. lr"}.get(v, f"MADE {v}")] if v else []
+            note = f"KL={best['median_kl']:.3f} (median seed)"
+            if parts:
+                note = ", ".join(parts) + "\n" + note
             panels.append((name.replace(" (", "\n("), best["image"], note))
         for j, (title, img, note) in enumerate(panels):
             ax = axes[i, j]
@@ -444,7 +442,8 @@ def markdown(results, runs, targets, guides, quad, a, wall):
             else ""
         ),
         f"- training seeds {', '.join(map(str, a['seeds']))} for every configuration; a fit's "
-        "seed is the training seed plus a hash of its target, family and K",
+        "seed is the training seed plus a hash of its target, family, K and (for the rows "
+        "with other MADE sizes) variant",
         f"- KL Monte Carlo samples per fit {a['samples']}; quadrature grid {a['quad']}^2 points",
         f"- pyro_nf: init_scale {a['init_scale']}, AutoIAFFlow and AutoSplineFlow hidden_dims "
         f"{tuple(a['hidden'])}, AutoSplineFlow {a['spline_bins']} bins on "
@@ -591,10 +590,11 @@ def main():
     if a.schedule == "constant":  # the constant-lr twins would repeat the rows
         guides = [g for g in guides if g[2] != "constant lr"]
     if a.guides:
-        unknown = set(a.guides.split(",")) - set(NAMES)
+        chosen = a.guides.split(",")
+        unknown = set(chosen) - set(NAMES)
         if unknown:
             p.error(f"unknown --guides {sorted(unknown)}; choose from {list(NAMES)}")
-        guides = [g for g in guides if g[0] in a.guides.split(",")]
+        guides = [g for g in guides if g[0] in chosen]
     torch.set_num_threads(1)
     t_start = time.perf_counter()
 
