@@ -25,8 +25,10 @@ The schedule (``--schedule``) is a cosine decay of Adam's learning rate from ``-
 to 2% of it at the last step: at a constant rate the fitted parameters keep jittering and the
 final KL is that of a random late iterate. Pyro's guides also run at the constant rate
 (rows "constant lr"), and "best Pyro flow" in the goals is the better of the two, so the
-schedule cannot handicap them. Two spline rows use a deeper MADE and 16 bins. Each
-configuration runs over three training seeds (``--num-seeds``):
+schedule cannot handicap them. Two spline rows use a deeper MADE and 16 bins. Rows marked GELU
+build the MADEs with ``activation="gelu"`` instead of the default ELU; each is the twin of the
+ELU row with the same settings and draws the same random numbers, so the pair isolates the
+nonlinearity. Each configuration runs over three training seeds (``--num-seeds``):
 on these energies one seed's KL can differ from another's by a factor of
 several, because reverse KL settles in optima that cover part of the target,
 so the tables give the mean and sd over seeds and the goals use the mean.  Metric: KL(q||p) = E_q[log q(x) + U(x)] + log Z, with log Z from
@@ -180,18 +182,35 @@ PYRO_CONSTANT = [(f, k, "constant lr") for f, k, _ in PYRO_GUIDES]
 FULL_GUIDES = [("planar", k, "") for k in (8, 16, 32)] + [("radial", k, "") for k in (8, 32)]
 FULL_GUIDES += [("iaf", k, "") for k in (1, 2, 4)] + [("spline", k, "") for k in (1, 2)]
 FULL_GUIDES += [("spline", 1, "2x64, 16 bins"), ("spline", 1, "3x64, 16 bins")]
+# the same guides with GELU MADEs (activation="gelu"): twins of rows above, drawing the same numbers
+FULL_GUIDES += [("iaf", 2, "GELU"), ("iaf", 4, "GELU")]
+FULL_GUIDES += [("spline", 1, "2x64, 16 bins, GELU"), ("spline", 1, "3x64, 16 bins, GELU")]
 FULL_GUIDES += PYRO_GUIDES + PYRO_CONSTANT
 QUICK_GUIDES = [("planar", 8, ""), ("radial", 8, ""), ("iaf", 2, ""), ("spline", 1, "")]
 QUICK_GUIDES += PYRO_GUIDES
 PYRO_NF = ("planar", "radial", "iaf", "spline")
-#: a variant's settings over the command line's: splines with a deeper MADE and 16 bins, and
-#: "constant lr", which keeps the learning rate constant whatever --schedule says
+#: a variant's settings over the command line's: splines with a deeper MADE and 16 bins, MADEs
+#: with GELU instead of ELU, and "constant lr", which keeps the learning rate constant whatever
+#: --schedule says
 VARIANTS = {
     "": {},
     "2x64, 16 bins": {"hidden": [64, 64], "spline_bins": 16},
     "3x64, 16 bins": {"hidden": [64, 64, 64], "spline_bins": 16},
+    "GELU": {"activation": "gelu"},
+    "2x64, 16 bins, GELU": {"hidden": [64, 64], "spline_bins": 16, "activation": "gelu"},
+    "3x64, 16 bins, GELU": {"hidden": [64, 64, 64], "spline_bins": 16, "activation": "gelu"},
     "constant lr": {"schedule": "constant"},
 }
+#: settings that change no random draw (a learning rate, a parameter-free nonlinearity): a variant
+#: that differs from another only in these is its twin and is seeded like it
+DRAW_FREE = ("schedule", "activation")
+
+
+def seed_tag(name, family, k, variant):
+    """What a fit's seed hashes: target, family, K and the variant's draw-changing settings."""
+    drawn = {key: v for key, v in VARIANTS[variant].items() if key not in DRAW_FREE}
+    twin = next(n for n, v in VARIANTS.items() if v == drawn)
+    return f"{name}/{family}/{k}" + (f"/{twin}" if twin else "")
 
 
 NAMES = {
@@ -209,7 +228,8 @@ def label(family, k, variant=""):
     name = f"pyro_nf.{NAMES[family]} K={k}" if family in PYRO_NF else f"Pyro {NAMES[family]}"
     v = VARIANTS[variant]
     if "hidden" in v:
-        return f"{name}, hidden {tuple(v['hidden'])}, {v['spline_bins']} bins"
+        gelu = ", GELU" if v.get("activation") == "gelu" else ""
+        return f"{name}, hidden {tuple(v['hidden'])}, {v['spline_bins']} bins{gelu}"
     return f"{name}, {variant}" if variant else name
 
 
@@ -233,11 +253,15 @@ def lr_factor(schedule, steps, final):
     raise ValueError(f"schedule must be 'constant' or 'cosine', got {schedule!r}")
 
 
-def make_guide(family, k, model, init_scale, hidden, spline_bins=8, spline_bound=5.0):
+def make_guide(
+    family, k, model, init_scale, hidden, spline_bins=8, spline_bound=5.0, activation="elu"
+):
     if family in PYRO_NF:
         import pyro_nf
 
-        kwargs = {"hidden_dims": tuple(hidden)} if family in ("iaf", "spline") else {}
+        kwargs = {}
+        if family in ("iaf", "spline"):
+            kwargs.update(hidden_dims=tuple(hidden), activation=activation)
         if family == "spline":
             kwargs.update(num_bins=spline_bins, bound=spline_bound)
         guide_class = getattr(pyro_nf, NAMES[family])
@@ -289,9 +313,8 @@ def fit_one(task):
     name, family, k, variant, seed, a, log_z = task
     a = settings(a, variant)
     torch.set_num_threads(1)
-    # the "constant lr" twin of a guide draws the same random numbers as the guide
-    schedule_only = set(VARIANTS[variant]) <= {"schedule"}
-    tag = f"{name}/{family}/{k}" + ("" if schedule_only else f"/{variant}")
+    # a twin (the "constant lr" or GELU row of a guide) draws the same random numbers as the guide
+    tag = seed_tag(name, family, k, variant)
     pyro.set_rng_seed(seed + zlib.crc32(tag.encode()) % 100003)
     pyro.clear_param_store()
     energy, _, plot_box = target(name, a["banana_sd"])
@@ -315,7 +338,7 @@ def fit_one(task):
     try:
         guide = make_guide(
             family, k, init_model, a["init_scale"], a["hidden"],
-            a.get("spline_bins", 8), a.get("spline_bound", 5.0),
+            a.get("spline_bins", 8), a.get("spline_bound", 5.0), a.get("activation", "elu"),
         )  # fmt: skip
         elbo = Trace_ELBO(
             num_particles=a["particles"],
@@ -443,12 +466,13 @@ def markdown(results, runs, targets, guides, quad, a, wall):
         ),
         f"- training seeds {', '.join(map(str, a['seeds']))} for every configuration; a fit's "
         "seed is the training seed plus a hash of its target, family, K and (for the rows "
-        "with other MADE sizes) variant",
+        "with other MADE sizes) variant; a GELU or 'constant lr' row draws the same random "
+        "numbers as its twin without that setting",
         f"- KL Monte Carlo samples per fit {a['samples']}; quadrature grid {a['quad']}^2 points",
         f"- pyro_nf: init_scale {a['init_scale']}, AutoIAFFlow and AutoSplineFlow hidden_dims "
-        f"{tuple(a['hidden'])}, AutoSplineFlow {a['spline_bins']} bins on "
-        f"[-{a['spline_bound']:g}, {a['spline_bound']:g}] (rows that name other hidden sizes "
-        "and bins use those); Pyro guides: their defaults",
+        f"{tuple(a['hidden'])} with ELU (the default activation), AutoSplineFlow "
+        f"{a['spline_bins']} bins on [-{a['spline_bound']:g}, {a['spline_bound']:g}] (rows that "
+        "name other hidden sizes, bins or GELU use those); Pyro guides: their defaults",
         f"- machine: processor {cpu_name()}, machine {platform.machine()}, "
         f"os.cpu_count() {os.cpu_count()}, torch {torch.__version__}, pyro {pyro.__version__}",
         f"- each fit in its own process with torch.get_num_threads() = 1; {a['jobs']} parallel "

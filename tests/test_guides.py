@@ -671,6 +671,28 @@ def test_bad_iaf_arguments_raise_at_construction():
         AutoSplineFlow(_model_must_not_run, num_bins=1)
     with pytest.raises(ValueError, match="bound"):
         AutoSplineFlow(_model_must_not_run, bound=0.0)
+    for cls in (AutoIAFFlow, AutoSplineFlow):
+        with pytest.raises(ValueError, match=r"activation must be one of \['elu', 'gelu'"):
+            cls(_model_must_not_run, activation="swish")
+
+
+@pytest.mark.parametrize("cls", [AutoIAFFlow, AutoSplineFlow], ids=_name)
+@pytest.mark.parametrize("activation", ["gelu", torch.nn.SiLU])
+def test_activation_reaches_every_made(cls, activation):
+    x, y = regression_data()
+    guide = cls(regression_model, num_transforms=2, hidden_dims=(8, 8), activation=activation)
+    guide(x, y)
+    want = torch.nn.GELU if activation == "gelu" else activation
+    mades = [layer.made for layer in guide.flow.layers]
+    assert len(mades) == 2 and all(type(m.activation) is want for m in mades)
+    # the default stays ELU, and the untrained guide is the same distribution either way
+    default = cls(regression_model, num_transforms=2, hidden_dims=(8, 8))
+    default(x, y)
+    assert all(type(layer.made.activation) is torch.nn.ELU for layer in default.flow.layers)
+    z = torch.randn(5, guide.latent_dim)
+    assert torch.allclose(
+        guide.get_posterior().log_prob(z), default.get_posterior().log_prob(z), atol=1e-6
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -66,6 +66,25 @@ def test_deeper_spline_variant_uses_its_own_settings():
     assert r["kind"] != "failed" and np.isfinite(r["kl"])
 
 
+def test_gelu_twin_shares_the_seed_and_differs_only_by_the_activation():
+    assert toy.seed_tag("U2", "spline", 1, "2x64, 16 bins, GELU") == toy.seed_tag(
+        "U2", "spline", 1, "2x64, 16 bins"
+    )
+    assert toy.seed_tag("U2", "iaf", 2, "GELU") == toy.seed_tag("U2", "iaf", 2, "") == "U2/iaf/2"
+    assert toy.seed_tag("U2", "spline", 1, "3x64, 16 bins") != toy.seed_tag("U2", "spline", 1, "")
+    assert toy.label("spline", 1, "3x64, 16 bins, GELU").endswith("16 bins, GELU")
+    elu = toy.fit_one(_task("iaf", 1, steps=30))
+    twin = toy.fit_one(_task("iaf", 1, steps=30, variant="GELU"))
+    gelu = toy.fit_one(_gelu_task())  # the plain row's task with activation="gelu" set
+    assert twin["kl"] == gelu["kl"] != elu["kl"]
+
+
+def _gelu_task():
+    """The plain iaf K=1 row's task, with the GELU setting put in by hand."""
+    name, family, k, variant, seed, cfg, log_z = _task("iaf", 1, steps=30)
+    return (name, family, k, variant, seed, {**cfg, "activation": "gelu"}, log_z)
+
+
 def test_cosine_schedule_runs_from_one_to_the_final_fraction():
     f = toy.lr_factor("cosine", 3000, 0.02)
     assert f(0) == pytest.approx(1.0) and f(2999) == pytest.approx(0.02)

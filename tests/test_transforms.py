@@ -13,6 +13,7 @@ import torch
 from torch.autograd.functional import jacobian
 
 from pyro_nf.transforms import (
+    MADE,
     Affine,
     AffineAutoregressive,
     FlowModule,
@@ -41,6 +42,7 @@ LAYERS = {
         d, c, hidden_dims=(9,), order=[2, 0, 3, 1][:d] if d == 4 else None
     ),
     "iaf_gated": lambda d, c: AffineAutoregressive(d, c, hidden_dims=(16,), gate_bias=1.5),
+    "iaf_gelu": lambda d, c: AffineAutoregressive(d, c, hidden_dims=(8, 8), activation="gelu"),
     # bound 3 < the tests' |x| up to ~8, so the identity tails are checked too. The floors keep
     # the random bins' slopes above ~1e-2: with the defaults (1e-3) a perturbed layer can be so
     # flat that float32 cannot recover x (the device tests), whatever the inverse's formula.
@@ -56,6 +58,9 @@ LAYERS = {
         bound=4.0,
         **_SPLINE_FLOORS,
     ),  # fmt: skip
+    "spline_silu": lambda d, c: SplineAutoregressive(
+        d, c, hidden_dims=(8, 8), num_bins=4, bound=3.0, activation="silu", **_SPLINE_FLOORS
+    ),
     "affine": lambda d, c: Affine(d, c, init_loc=0.3, init_scale=2.0),
 }
 CASES = [(name, c) for name in LAYERS for c in (0, CONTEXT_DIM)]
@@ -307,6 +312,21 @@ def test_bad_constructor_arguments():
     for bad in (float("nan"), float("inf"), "2", True):
         with pytest.raises(ValueError, match="gate_bias must be None or a finite number"):
             AffineAutoregressive(3, gate_bias=bad)
+
+
+def test_made_activation_by_name_or_class():
+    order = torch.arange(3)
+    assert type(MADE(3, (4,), order).activation) is torch.nn.ELU  # the default
+    assert type(MADE(3, (4,), order, activation="GELU").activation) is torch.nn.GELU
+    assert type(MADE(3, (4,), order, activation=torch.nn.Tanh).activation) is torch.nn.Tanh
+    with pytest.raises(ValueError, match="activation must be one of"):
+        MADE(3, (4,), order, activation="swish")
+    with pytest.raises(TypeError, match="activation must be a name or a module class"):
+        MADE(3, (4,), order, activation=3)
+    for cls in (AffineAutoregressive, SplineAutoregressive):
+        assert type(cls(3, activation="silu").made.activation) is torch.nn.SiLU
+        with pytest.raises(ValueError, match="activation must be one of"):
+            cls(3, activation="softplus")
 
 
 def test_spline_bad_arguments():

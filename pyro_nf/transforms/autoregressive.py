@@ -31,6 +31,28 @@ from .base import FlowModule, FlowTransform
 
 __all__ = ["AffineAutoregressive", "AutoregressiveTransform", "MADE"]
 
+#: the hidden nonlinearities a MADE takes by name
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "elu": nn.ELU,
+    "gelu": nn.GELU,
+    "silu": nn.SiLU,
+    "tanh": nn.Tanh,
+    "relu": nn.ReLU,
+}
+
+
+def _activation(spec: str | Callable[[], nn.Module]) -> Callable[[], nn.Module]:
+    """A module factory from a name in :data:`ACTIVATIONS` or a callable (e.g. ``nn.GELU``)."""
+    if isinstance(spec, str):
+        if spec.lower() not in ACTIVATIONS:
+            raise ValueError(
+                f"activation must be one of {sorted(ACTIVATIONS)} or a module class, got {spec!r}"
+            )
+        return ACTIVATIONS[spec.lower()]
+    if not callable(spec):
+        raise TypeError(f"activation must be a name or a module class, got {spec!r}")
+    return spec
+
 
 class _MaskedLinear(nn.Linear):
     def __init__(self, mask: Tensor) -> None:
@@ -53,7 +75,8 @@ class MADE(nn.Module):
         hidden_dims: sizes of the hidden layers (at least one).
         order: a permutation of ``range(dim)``; ``order[k]`` is the variable at position ``k``.
         context_dim: size of an optional context added to the first hidden layer.
-        activation: the hidden nonlinearity (a module class).
+        activation: the hidden nonlinearity: a module class such as :class:`torch.nn.GELU`, or
+            one of the names ``"elu"`` (default), ``"gelu"``, ``"silu"``, ``"tanh"``, ``"relu"``.
         num_params: number of outputs per variable (2 for the affine layer; the spline layer
             uses ``3 * num_bins - 1``).
 
@@ -78,10 +101,11 @@ class MADE(nn.Module):
         hidden_dims: Sequence[int],
         order: Tensor,
         context_dim: int = 0,
-        activation: Callable[[], nn.Module] = nn.ELU,
+        activation: str | Callable[[], nn.Module] = nn.ELU,
         num_params: int = 2,
     ) -> None:
         super().__init__()
+        activation = _activation(activation)
         if isinstance(num_params, bool) or not isinstance(num_params, int) or num_params < 1:
             raise ValueError(f"num_params must be a positive integer, got {num_params!r}")
         self.num_params = num_params
@@ -223,7 +247,9 @@ class AffineAutoregressive(FlowModule):
             ``range(dim)``. :class:`pyro_nf.Flow` reverses it on every other layer, so that in a
             stack of two or more layers every coordinate conditions on every other.
         log_scale_min, log_scale_max: smooth bounds of the log-scale.
-        activation: hidden nonlinearity class, default :class:`torch.nn.ELU`.
+        activation: hidden nonlinearity of the MADE, a module class or a name (see :class:`MADE`);
+            default :class:`torch.nn.ELU`. On the 2-D toy densities a smooth one (``"gelu"``)
+            with two or more hidden layers fits far better (``docs/benchmarks``).
         gate_bias: ``None`` (default) for the update :math:`y = x e^{s} + m`. A number :math:`c`
             for the gated update of Kingma et al. (2016, eqs. 11-12),
             :math:`\\sigma = \\operatorname{sigmoid}(a + c)`,
@@ -249,7 +275,7 @@ class AffineAutoregressive(FlowModule):
         order: Sequence[int] | Tensor | None = None,
         log_scale_min: float = -5.0,
         log_scale_max: float = 3.0,
-        activation: Callable[[], nn.Module] = nn.ELU,
+        activation: str | Callable[[], nn.Module] = nn.ELU,
         gate_bias: float | None = None,
     ) -> None:
         super().__init__(dim, context_dim)

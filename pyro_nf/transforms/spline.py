@@ -246,7 +246,8 @@ class SplineAutoregressive(FlowModule):
         num_bins: number of spline bins :math:`K` (the MADE outputs :math:`3K - 1` numbers per
             variable).
         bound: the splines act on ``[-bound, bound]`` and are the identity outside.
-        activation: hidden nonlinearity class, default :class:`torch.nn.ELU`.
+        activation: hidden nonlinearity of the MADE, a module class or a name (see
+            :class:`~pyro_nf.transforms.MADE`); default :class:`torch.nn.ELU`.
         min_bin_width, min_bin_height, min_derivative: see :func:`rational_quadratic_spline`.
 
     Example:
@@ -266,7 +267,7 @@ class SplineAutoregressive(FlowModule):
         order: Sequence[int] | Tensor | None = None,
         num_bins: int = 8,
         bound: float = 5.0,
-        activation: Callable[[], nn.Module] = nn.ELU,
+        activation: str | Callable[[], nn.Module] = nn.ELU,
         min_bin_width: float = 1e-3,
         min_bin_height: float = 1e-3,
         min_derivative: float = 1e-3,
