@@ -54,8 +54,8 @@ Figure: ``--out`` (default examples/output); table: ``--results`` (default
 benchmarks/results/toy_densities.md, or toy_densities_quick.md with --quick).
 Fits run in ``--jobs`` processes with one torch thread each; every fit is
 seeded from ``--seed`` and its own name, so results do not depend on --jobs.
-Cost (2-core AMD EPYC, torch 2.13): the full run (270 fits) is about 5600
-CPU-seconds of fitting (48 minutes on 2 cores), --quick about 30.
+Cost (2-core AMD EPYC, torch 2.13): the full run (330 fits) is about 8500
+CPU-seconds of fitting (72 minutes on 2 cores), --quick about 30.
 """
 
 import argparse
