@@ -576,9 +576,9 @@ class AutoIAFFlow(AutoFlow):
     Args:
         hidden_dims: MADE hidden sizes; default ``(max(2 * D, 16),)``.
         activation: the MADEs' hidden nonlinearity, ``"elu"`` (default), ``"gelu"``, ``"silu"``,
-            ``"tanh"``, ``"relu"`` or a module class. A smooth one (``"gelu"``) with two or more
-            hidden layers fits sharply curved posteriors far better on the toy densities
-            (``docs/benchmarks``).
+            ``"tanh"``, ``"relu"`` or a module class. On the 2-D toy densities a smooth one fits
+            far better: K=4 with one hidden layer of 64 has KL 0.004 on the banana with
+            ``"gelu"``, 0.017 with ELU (``docs/benchmarks``).
         log_scale_min, log_scale_max: smooth bounds on each layer's log-scale.
         gate_bias: ``None`` for the plain affine update; a number for the gated update of
             Kingma et al. (2016) (see :class:`~pyro_nf.transforms.AffineAutoregressive`).
@@ -631,8 +631,9 @@ class AutoSplineFlow(AutoFlow):
     Args:
         hidden_dims: MADE hidden sizes; default ``(max(2 * D, 16),)``.
         activation: the MADEs' hidden nonlinearity (see :class:`AutoIAFFlow`). On the toy
-            densities, ``activation="gelu"`` with ``hidden_dims=(64, 64)`` and 16 bins has a
-            quarter to a fifth of the KL of the default settings on U2-U4 (``docs/benchmarks``).
+            densities U2-U4, ``hidden_dims=(64, 64)`` and 16 bins have KL 0.032, 0.113 and
+            0.252 with ``activation="gelu"`` against 0.173, 0.343 and 0.424 with ELU
+            (``docs/benchmarks``).
         num_bins: spline bins per coordinate.
         bound: half-width of the spline interval, in standardized coordinates.
 

@@ -323,6 +323,8 @@ def test_made_activation_by_name_or_class():
         MADE(3, (4,), order, activation="swish")
     with pytest.raises(TypeError, match="activation must be a name or a module class"):
         MADE(3, (4,), order, activation=3)
+    with pytest.raises(TypeError, match="pass the class, e.g. activation=GELU"):
+        MADE(3, (4,), order, activation=torch.nn.GELU())
     for cls in (AffineAutoregressive, SplineAutoregressive):
         assert type(cls(3, activation="silu").made.activation) is torch.nn.SiLU
         with pytest.raises(ValueError, match="activation must be one of"):

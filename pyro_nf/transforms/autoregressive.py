@@ -49,6 +49,11 @@ def _activation(spec: str | Callable[[], nn.Module]) -> Callable[[], nn.Module]:
                 f"activation must be one of {sorted(ACTIVATIONS)} or a module class, got {spec!r}"
             )
         return ACTIVATIONS[spec.lower()]
+    if isinstance(spec, nn.Module):  # an instance would be shared by the layers, and called
+        raise TypeError(
+            f"activation must be a name or a module class, got the instance {spec!r}; "
+            f"pass the class, e.g. activation={type(spec).__name__}"
+        )
     if not callable(spec):
         raise TypeError(f"activation must be a name or a module class, got {spec!r}")
     return spec
@@ -249,7 +254,7 @@ class AffineAutoregressive(FlowModule):
         log_scale_min, log_scale_max: smooth bounds of the log-scale.
         activation: hidden nonlinearity of the MADE, a module class or a name (see :class:`MADE`);
             default :class:`torch.nn.ELU`. On the 2-D toy densities a smooth one (``"gelu"``)
-            with two or more hidden layers fits far better (``docs/benchmarks``).
+            fits far better (``docs/benchmarks``).
         gate_bias: ``None`` (default) for the update :math:`y = x e^{s} + m`. A number :math:`c`
             for the gated update of Kingma et al. (2016, eqs. 11-12),
             :math:`\\sigma = \\operatorname{sigmoid}(a + c)`,
