@@ -196,11 +196,11 @@ VARIANTS = {
     "": {},
     "2x64, 16 bins": {"hidden": [64, 64], "spline_bins": 16},
     "3x64, 16 bins": {"hidden": [64, 64, 64], "spline_bins": 16},
-    "GELU": {"activation": "gelu"},
-    "2x64, 16 bins, GELU": {"hidden": [64, 64], "spline_bins": 16, "activation": "gelu"},
-    "3x64, 16 bins, GELU": {"hidden": [64, 64, 64], "spline_bins": 16, "activation": "gelu"},
     "constant lr": {"schedule": "constant"},
 }
+# the GELU twin of each MADE variant: its settings plus activation="gelu"
+for _v in ("", "2x64, 16 bins", "3x64, 16 bins"):
+    VARIANTS[f"{_v}, GELU" if _v else "GELU"] = {**VARIANTS[_v], "activation": "gelu"}
 #: settings that change no random draw (a learning rate, a parameter-free nonlinearity): a variant
 #: that differs from another only in these is its twin and is seeded like it
 DRAW_FREE = ("schedule", "activation")
