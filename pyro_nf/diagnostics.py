@@ -29,6 +29,8 @@ import pyro.poutine as poutine
 import torch
 from pyro.poutine.util import site_is_subsample
 
+from ._devices import model_device, site_values
+
 __all__ = [
     "diagnose",
     "Diagnostics",
@@ -64,7 +66,14 @@ def _prototype(model, guide, args, kwargs):
                 for frame in site["cond_indep_stack"]:
                     if frame.vectorized:
                         nesting = max(nesting, -frame.dim)
-    return guide_trace, model_trace, nesting
+    device = model_device(
+        "pyro_nf's diagnostics",
+        site_values(model_trace, observed=True),
+        args,
+        kwargs,
+        site_values(model_trace, observed=False),
+    )
+    return guide_trace, model_trace, nesting, device
 
 
 def _site_sums(
@@ -76,7 +85,7 @@ def _site_sums(
     """
     total = None
     for site in trace.nodes.values():
-        if site["type"] != "sample":
+        if site["type"] != "sample" or site_is_subsample(site):  # (a plate's indices: no density)
             continue
         lp = site["unscaled_log_prob"] if unscaled else site["log_prob"]
         if unscaled and site["mask"] is not None:
@@ -110,7 +119,7 @@ def _draw(
         raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-    guide_proto, model_proto, nesting = _prototype(model, guide, args, kwargs)
+    guide_proto, model_proto, nesting, device = _prototype(model, guide, args, kwargs)
     keep_dim = None
     if data_plate is not None:
         keep_dim = _data_plate_dim(guide_proto, model_proto, data_plate)
@@ -123,7 +132,7 @@ def _draw(
     def one_chunk(n: int, vectorized: bool):
         with torch.no_grad(), poutine.block():
             if vectorized:
-                with pyro.plate(_DRAWS_PLATE, n, dim=-(nesting + 1)):
+                with pyro.plate(_DRAWS_PLATE, n, dim=-(nesting + 1), device=device):
                     gtr = poutine.trace(guide).get_trace(*args, **kwargs)
                     mtr = poutine.trace(poutine.replay(model, trace=gtr)).get_trace(*args, **kwargs)
             else:
@@ -137,7 +146,7 @@ def _draw(
             # a side with no log-density contributes zeros of the other's dtype and device
             if log_q is None or log_p is None:
                 other = log_p if log_q is None else log_q
-                zeros = torch.zeros(n) if other is None else torch.zeros_like(other)
+                zeros = torch.zeros(n, device=device) if other is None else torch.zeros_like(other)
                 log_q = zeros if log_q is None else log_q
                 log_p = zeros if log_p is None else log_p
             expected = (n,) if keep_dim is None else (n, log_p.shape[-1])

@@ -162,7 +162,9 @@ class FastELBO(ELBO):
         if n == 1:
             model_trace = conditioned.get_trace(*args, **kwargs)
         else:
-            with pyro.plate("num_particles_vectorized", n, dim=-(nesting + 1)):
+            with pyro.plate(
+                "num_particles_vectorized", n, dim=-(nesting + 1), device=latent.device
+            ):
                 model_trace = conditioned.get_trace(*args, **kwargs)
         log_p = model_trace.log_prob_sum()
         return -(log_p + log_jac - log_q.sum()) / n

@@ -52,7 +52,8 @@ class FlowDistribution(TorchDistribution):
         transforms: stateless :class:`~pyro_nf.transforms.FlowTransform` s, applied in order.
         dim: event size :math:`D`.
         batch_shape: batch shape; the transforms' parameters must broadcast to it.
-        dtype, device: of the base noise.
+        dtype, device: of the base noise; by default those of the first tensor the transforms
+            hold (their parameters), else torch's defaults.
 
     Example:
         >>> import torch
@@ -74,14 +75,20 @@ class FlowDistribution(TorchDistribution):
         dim: int,
         batch_shape: torch.Size | tuple = (),
         *,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         validate_args: bool | None = None,
     ) -> None:
         self.transforms = list(transforms)
         self.dim = dim
+        if dtype is None or device is None:
+            ref = _first_tensor(self.transforms)
+            if ref is None:
+                ref = torch.empty(0)
+            dtype = ref.dtype if dtype is None else dtype
+            device = ref.device if device is None else device
         self._dtype = dtype
-        self._device = torch.device(device) if device is not None else torch.device("cpu")
+        self._device = torch.device(device)
         self._memo: tuple[Tensor, int, Tensor] | None = None
         super().__init__(torch.Size(batch_shape), torch.Size((dim,)), validate_args=validate_args)
 
@@ -131,6 +138,27 @@ class FlowDistribution(TorchDistribution):
         x, ladj = ChainTransform(self.transforms).inverse_and_ladj(value)
         log_q = self._base_log_prob(x) - ladj
         return log_q.expand(torch.broadcast_shapes(value.shape[:-1], self.batch_shape))
+
+
+def _first_tensor(obj, depth: int = 0) -> Tensor | None:
+    """The first floating-point tensor held by a transform (or a list of them), if any."""
+    if torch.is_tensor(obj):
+        return obj if obj.is_floating_point() else None
+    if depth > 3:
+        return None
+    items = (
+        obj
+        if isinstance(obj, (list, tuple))
+        else vars(obj).values()
+        if hasattr(obj, "__dict__")
+        else ()
+    )
+    for item in items:
+        if torch.is_tensor(item) or isinstance(item, (list, tuple, FlowTransform)):
+            found = _first_tensor(item, depth + 1)
+            if found is not None:
+                return found
+    return None
 
 
 _LAYERS = {
@@ -260,8 +288,8 @@ class Flow(nn.Module):
             self.precond_loc = self.precond_tril = None
             return self
         ref = self.affine.head.weight if self.context_dim else self.affine.raw
-        loc = torch.as_tensor(loc).to(dtype=ref.dtype, device=ref.device).detach().clone()
-        tril = torch.as_tensor(scale_tril).to(dtype=ref.dtype, device=ref.device).detach().tril()
+        loc = torch.as_tensor(loc, dtype=ref.dtype, device=ref.device).detach().clone()
+        tril = torch.as_tensor(scale_tril, dtype=ref.dtype, device=ref.device).detach().tril()
         if loc.shape != (self.dim,) or tril.shape != (self.dim, self.dim):
             raise ValueError(
                 f"preconditioner: loc must have shape ({self.dim},) and scale_tril "

@@ -30,6 +30,7 @@ from pyro.poutine.runtime import _PYRO_STACK
 from torch import Tensor
 from torch.distributions import biject_to
 
+from ._devices import model_device, site_values
 from ._noncentering import NonCenteringTransform, hierarchical_normal_sites
 from .flow import Flow, FlowDistribution
 from .transforms.base import ChainTransform, FlowTransform, inverse_softplus
@@ -168,7 +169,8 @@ class AutoFlow(AutoContinuous):
         #: ``iterations`` and ``seconds``.
         self.laplace_info: dict | None = None
         # Build a throw-away flow now so that bad arguments fail here, not at the first SVI step.
-        Flow(1, transform, num_transforms, **flow_kwargs)
+        with torch.device("cpu"):
+            Flow(1, transform, num_transforms, **flow_kwargs)
         self._transform_name = transform
         self._num_transforms = num_transforms
         self._init_scale = float(init_scale)
@@ -180,6 +182,26 @@ class AutoFlow(AutoContinuous):
 
     # -- set-up ---------------------------------------------------------------------------
     def _setup_prototype(self, *args, **kwargs) -> None:
+        """Run the model once and build the flow; all or nothing.
+
+        A set-up that fails for any reason leaves the guide as if it had never been set up (no
+        prototype, no flow), so that the next call redoes it and raises the real error again.
+        """
+        try:
+            self._build_from_prototype(args, kwargs)
+        except BaseException:
+            self._discard_setup()
+            raise
+
+    def _discard_setup(self) -> None:
+        self.prototype_trace = None
+        self.__dict__.pop("_flow_slots", None)
+        if "flow" in self._modules:
+            del self._modules["flow"]
+        self.noncentering = None
+        self.laplace_info = None
+
+    def _build_from_prototype(self, args: tuple, kwargs: dict) -> None:
         AutoGuide._setup_prototype(self, *args, **kwargs)
         self._check_model()
         self._unconstrained_shapes = {}
@@ -197,20 +219,25 @@ class AutoFlow(AutoContinuous):
             raise RuntimeError(
                 f"{type(self).__name__} found no latent variables; use an empty guide instead"
             )
-        loc = self._init_loc()
+        latents = site_values(self.prototype_trace, observed=False)
+        observed = site_values(self._trace_at_prototype(args, kwargs), True, exclude=latents)
+        device = model_device(type(self).__name__, observed, args, kwargs, latents)
+        loc = self._init_loc(device)
         self.noncentering = None
         if self._noncentered:
             loc = self._setup_noncentering(loc, args, kwargs)
-        flow = Flow(
-            self.latent_dim,
-            self._transform_name,
-            self._num_transforms,
-            init_loc=loc.detach().cpu().to(torch.get_default_dtype()),
-            init_scale=self._init_scale,
-            **self._flow_kwargs,
-        )
+        # Built on the CPU whatever torch's default device (the same random start on every
+        # device for the same seed), then moved to the model's device and dtype.
+        with torch.device("cpu"):
+            flow = Flow(
+                self.latent_dim,
+                self._transform_name,
+                self._num_transforms,
+                init_scale=self._init_scale,
+                **self._flow_kwargs,
+            )
+        flow = flow.to(device=loc.device, dtype=loc.dtype)
         # Parameters follow the model's values, not torch's defaults.
-        flow = flow.to(dtype=loc.dtype, device=loc.device)
         with torch.no_grad():
             # exact in the model's dtype, whatever torch's default dtype
             flow.affine.raw[: self.latent_dim].copy_(loc)
@@ -228,7 +255,7 @@ class AutoFlow(AutoContinuous):
                 warnings.warn(
                     f"{type(self).__name__}(precondition='laplace'): {info['reason']}; starting "
                     "without the preconditioner (init_loc_fn, init_scale)",
-                    stacklevel=4,
+                    stacklevel=5,
                 )
             else:
                 with torch.no_grad():
@@ -238,6 +265,21 @@ class AutoFlow(AutoContinuous):
         flow.outer_transform = self.noncentering
         self.flow = flow
 
+    def _init_loc(self, device: torch.device | None = None) -> Tensor:
+        """The latent vector at ``init_loc_fn``'s point, on ``device`` (the model's)."""
+        parts = []
+        for _, site in self.prototype_trace.iter_stochastic_nodes():
+            # mapped where the prior lives (its support's bounds are there), then moved
+            part = biject_to(site["fn"].support).inv(site["value"].detach()).reshape(-1)
+            if not torch.isfinite(part).all():
+                raise ValueError(
+                    f"{type(self).__name__}: init_loc_fn gave site {site['name']!r} a value "
+                    "outside its support or not finite; use another init_loc_fn (e.g. "
+                    "pyro.infer.autoguide.init_to_feasible)"
+                )
+            parts.append(part if device is None else part.to(device))
+        return torch.cat(parts)
+
     def _setup_noncentering(self, loc: Tensor, args: tuple, kwargs: dict) -> Tensor:
         """Find the hierarchical Normal sites, build the map; the start in its coordinates."""
         sites = hierarchical_normal_sites(self, args, kwargs)
@@ -245,7 +287,7 @@ class AutoFlow(AutoContinuous):
             warnings.warn(
                 f"{type(self).__name__}(noncentered=True): the model has no Normal latent whose "
                 "location or scale depends on another latent; the guide is the plain one",
-                stacklevel=5,
+                stacklevel=6,
             )
             return loc
         self._model_args = (args, kwargs)
@@ -279,6 +321,25 @@ class AutoFlow(AutoContinuous):
             ),
             default=0,
         )
+
+    def _create_plates(self, *args, **kwargs) -> dict:
+        """Pyro's plates for the model's frames, with their indices on the flow's device.
+
+        (Pyro builds them on torch's default device; a guide on CUDA would then put CPU index
+        tensors in its trace, which break code that sums over every site.) A user's
+        ``create_plates`` and a guide inside an ``AutoGuideList`` keep Pyro's plates.
+        """
+        if self.master is not None or self.create_plates is not None or "flow" not in self._modules:
+            return super()._create_plates(*args, **kwargs)
+        device = self._modules["flow"].affine.raw.device
+        self.plates = {
+            name: pyro.plate(
+                name, frame.full_size or frame.size, dim=frame.dim, subsample_size=frame.size,
+                device=device,
+            )
+            for name, frame in sorted(self._prototype_frames.items())
+        }  # fmt: skip
+        return self.plates
 
     def _remember_args(self, args: tuple, kwargs: dict) -> None:
         """The model arguments the non-centring map runs the model with (the latest call's)."""
@@ -733,7 +794,7 @@ def _laplace(
             if loss is None or not torch.isfinite(loss):
                 # a huge finite value with zero gradient: the line search backtracks from it
                 u.grad = torch.zeros_like(u)
-                return torch.tensor(1e300 if u.dtype == torch.float64 else 1e30)
+                return u.new_tensor(1e300 if u.dtype == torch.float64 else 1e30)
             loss.backward()
             return loss
 

@@ -151,7 +151,7 @@ def _rng_state() -> dict:
     state = {
         "torch": torch.get_rng_state(),
         "python": random.getstate(),
-        "numpy": [torch.as_tensor(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "numpy": [torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -390,7 +390,7 @@ def fit(
                 "step": step,
                 "params": {n: p.detach().cpu() for n, p in zip(names, params)},
                 "optimizer": opt.state_dict(),
-                "losses": torch.tensor(losses, dtype=torch.float64),
+                "losses": torch.tensor(losses, dtype=torch.float64, device="cpu"),
                 "skipped": list(skipped),
                 "rng": rng if rng is not None else _rng_state(),
             },

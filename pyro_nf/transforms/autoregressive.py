@@ -200,7 +200,7 @@ class AutoregressiveTransform(FlowTransform):
         m, a = self.conditioner(x)
         if self.gate_bias is not None:
             g = a + self.gate_bias  # y = x sigmoid(g) / sigmoid(c) + (1 - sigmoid(g)) m
-            s = F.logsigmoid(g) - F.logsigmoid(torch.tensor(self.gate_bias, dtype=a.dtype))
+            s = F.logsigmoid(g) - F.logsigmoid(a.new_tensor(self.gate_bias))
             return torch.sigmoid(-g) * m, s
         c = torch.where(a >= 0, self.hi, -self.lo).to(a.dtype)
         return m, c * torch.tanh(a / c)

@@ -24,7 +24,8 @@ __all__ = ["ChainTransform", "FlowTransform", "FlowModule", "inverse_softplus"]
 
 def inverse_softplus(y: Tensor | float) -> Tensor:
     """Inverse of :func:`torch.nn.functional.softplus`, :math:`x = y + \\log(-\\operatorname{expm1}(-y))`."""
-    y = torch.as_tensor(y, dtype=torch.get_default_dtype() if not torch.is_tensor(y) else None)
+    if not torch.is_tensor(y):  # (as_tensor of a tensor would move it to the default device)
+        y = torch.as_tensor(y, dtype=torch.get_default_dtype())
     return y + torch.log(-torch.expm1(-y))
 
 
