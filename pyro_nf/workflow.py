@@ -28,9 +28,10 @@ What :func:`fit` adds to a hand-written ``svi.step`` loop:
   checkpoint path is given), with ``result.stopped == "interrupted"``.
 
 :func:`fit` is assembled from parts that each do one thing: checking the arguments
-(:func:`_check_arguments`), choosing the loss (:func:`_choose_loss`, :func:`_first_evaluation`),
-collecting the parameters (:func:`_collect_parameters`), one step (:class:`_Stepper`), checkpoints
-(:class:`_Checkpointer`, :mod:`pyro_nf._checkpoint`) and the loop (:func:`_loop`).
+(``_check_arguments``), choosing the loss (``_choose_loss``, ``_first_evaluation``), collecting
+the parameters (``_collect_parameters``), one step (``_Stepper``), checkpoints (``_Checkpointer``
+and ``pyro_nf._checkpoint``), the latent-site check (``pyro_nf._latents``) and the loop
+(``_loop``).
 """
 
 from __future__ import annotations
