@@ -6,26 +6,42 @@ What :func:`fit` adds to a hand-written ``svi.step`` loop:
   the optimizer step; a step with a NaN/inf is skipped, so the parameters stay at the last finite
   state. After ``max_bad_steps`` consecutive bad steps the fit stops with a :class:`FitError` that
   names the step and the likely cause.
+* **A failing step loses nothing.** Whatever the model, guide or loss raises in a step, the
+  parameters are those of the last finished step, they are checkpointed (with a checkpoint path),
+  and the :class:`FitError` raised carries the result so far as ``error.result``.
+* **The objective is the one asked for.** A flow autoguide set up for other latent sites or
+  shapes than the model has with the fit's arguments is refused before the first step. The default
+  loss changes only in one case: vectorized particles that the model does not broadcast over (it
+  does evaluate with one particle) are evaluated one at a time instead, with a warning; the
+  estimator is the same. Any other error is raised as it is.
 * **Stopping rule** (optional, ``stop_window``): the losses are averaged over consecutive,
   non-overlapping windows of ``stop_window`` steps; the fit stops at the end of the first window
   whose mean is not lower than the previous window's mean by more than
   ``stop_tol * max(1, |mean|)`` (a relative improvement below ``stop_tol``).
 * **Checkpoints** every ``checkpoint_every`` steps, written atomically, that load with
-  ``torch.load(weights_only=True)`` (no code runs when a checkpoint is opened);
-  ``resume=True`` continues from one and reproduces the uninterrupted run's losses exactly (the
-  random-number states are part of the checkpoint).
+  ``torch.load(weights_only=True)`` (no code runs when a checkpoint is opened). A checkpoint
+  records the guide's class, a flow autoguide's latent sites and shapes, and the optimizer;
+  ``resume=True`` refuses one written for another model, guide or optimizer, and otherwise
+  continues from it and reproduces the uninterrupted run's losses exactly (the random-number
+  states are part of the checkpoint).
 * **Ctrl-C** stops the fit cleanly: the result so far is returned (and checkpointed when a
   checkpoint path is given), with ``result.stopped == "interrupted"``.
+
+:func:`fit` is assembled from parts that each do one thing: checking the arguments
+(``_check_arguments``), choosing the loss (``_choose_loss``, ``_first_evaluation``), collecting
+the parameters (``_collect_parameters``), one step (``_Stepper``), checkpoints (``_Checkpointer``
+and ``pyro_nf._checkpoint``), the latent-site check (``pyro_nf._latents``) and the loop
+(``_loop``).
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 import os
-import random
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,16 +50,24 @@ import pyro.poutine as poutine
 import torch
 from pyro.infer import ELBO, Trace_ELBO
 
+from . import _checkpoint
+from ._checkpoint import CheckpointError
+from ._checkpoint import rng_state as _rng_state
+from ._checkpoint import save as _save_checkpoint
+from ._latents import check_unchanged as _check_latents_unchanged
 from .fast import FastELBO
 from .guides import AutoFlow
 
 __all__ = ["fit", "FitResult", "FitError", "CheckpointError"]
 
-_CHECKPOINT_FORMAT = "pyro_nf.fit/1"
-
 
 class FitError(RuntimeError):
     """Raised when a fit cannot go on (too many consecutive non-finite steps, or a failing step).
+
+    Attributes:
+        result: the :class:`FitResult` of the steps finished before the error (``stopped ==
+            "error"``), or ``None`` when the error came before the first step. The parameters
+            are those of its last step; with a checkpoint path they are on disk too.
 
     Example:
         >>> import pyro, pyro.distributions as dist, pyro_nf
@@ -55,28 +79,14 @@ class FitError(RuntimeError):
         ...     pyro_nf.fit(model, guide, num_steps=100, max_bad_steps=3, progress=False)
         ... except pyro_nf.FitError as e:
         ...     print(str(e).split(".")[0])
+        ...     print(e.result.num_steps, e.result.skipped_steps)
         step 2: 3 consecutive non-finite steps, stopping
+        3 [0, 1, 2]
     """
 
-
-class CheckpointError(RuntimeError):
-    """Raised when a checkpoint file cannot be read or does not belong to this fit.
-
-    Example:
-        >>> import os, tempfile, pyro, pyro.distributions as dist, pyro_nf
-        >>> def model():
-        ...     pyro.sample("x", dist.Normal(0.0, 1.0))
-        >>> guide = pyro_nf.AutoPlanarFlow(model, num_transforms=1)
-        >>> with tempfile.TemporaryDirectory() as tmp:
-        ...     path = os.path.join(tmp, "notes.pt")
-        ...     with open(path, "w") as f:
-        ...         _ = f.write("not a checkpoint")
-        ...     try:
-        ...         pyro_nf.fit(model, guide, num_steps=5, progress=False, checkpoint=path, resume=True)
-        ...     except pyro_nf.CheckpointError as e:
-        ...         print("refused:", "not a readable pyro_nf checkpoint" in str(e))
-        refused: True
-    """
+    def __init__(self, message: str, result: FitResult | None = None) -> None:
+        super().__init__(message)
+        self.result = result
 
 
 @dataclass
@@ -86,7 +96,8 @@ class FitResult:
     Attributes:
         losses: the loss (negative ELBO estimate) of every step taken, NaN for skipped steps.
         num_steps: steps taken (including resumed ones).
-        stopped: ``"num_steps"``, ``"converged"`` (stopping rule) or ``"interrupted"`` (Ctrl-C).
+        stopped: ``"num_steps"``, ``"converged"`` (stopping rule), ``"interrupted"`` (Ctrl-C), or
+            ``"error"`` (the partial result carried by a :class:`FitError`).
         skipped_steps: indices of steps skipped because of a non-finite loss or gradient.
         seconds: wall time of this call (not of earlier resumed parts).
         seconds_per_step: ``seconds`` divided by the steps taken in this call.
@@ -131,82 +142,6 @@ class FitResult:
         )
 
 
-def _lr_factor(schedule, num_steps: int) -> Callable[[int], float]:
-    if schedule is None:
-        return lambda step: 1.0
-    if callable(schedule):
-        return schedule
-    if schedule == "exponential":  # decays to 1% of lr at the last step
-        return lambda step: 0.01 ** (step / max(num_steps - 1, 1))
-    if schedule == "cosine":
-        return lambda step: 0.5 * (1.0 + math.cos(math.pi * step / max(num_steps - 1, 1)))
-    raise ValueError(
-        f"lr_schedule must be None, 'exponential', 'cosine' or a callable step -> factor, got {schedule!r}"
-    )
-
-
-def _rng_state() -> dict:
-    # numpy's legacy global generator is what pyro.set_rng_seed seeds, so it is saved too.
-    _, keys, pos, has_gauss, cached = np.random.get_state()  # noqa: NPY002
-    state = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": [torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(_as_tuple(state["python"]))
-    keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached))  # noqa: NPY002
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _as_tuple(x):
-    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
-
-
-def _load_checkpoint(path: str) -> dict:
-    try:
-        ckpt = torch.load(path, weights_only=True, map_location="cpu")
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # noqa: BLE001 - whatever a foreign file makes torch.load raise
-        raise CheckpointError(
-            f"{path!r} is not a readable pyro_nf checkpoint (truncated, corrupted or a foreign "
-            f"file): {type(e).__name__}: {e}"
-        ) from e
-    if not isinstance(ckpt, dict) or ckpt.get("format") != _CHECKPOINT_FORMAT:
-        raise CheckpointError(
-            f"{path!r} is not a pyro_nf.fit checkpoint (no '{_CHECKPOINT_FORMAT}' marker)"
-        )
-    return ckpt
-
-
-def _save_checkpoint(path: str, ckpt: dict) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)  # atomic: a crash mid-write never leaves a truncated checkpoint
-
-
-def _likely_cause(loss: float, bad_grads: list[str]) -> str:
-    if not math.isfinite(loss):
-        return (
-            f"the loss itself is {loss}: the model or guide produced a non-finite log-density "
-            "(NaN data, a log of zero, a scale that reached zero, or an overflow). Check the data, "
-            "lower lr, or use a smaller init_scale"
-        )
-    return (
-        "the loss is finite but gradients of " + ", ".join(bad_grads[:5]) + " are not: a "
-        "non-differentiable point (e.g. sqrt or norm at 0) or an overflow in the backward pass"
-    )
-
-
 def fit(
     model: Callable,
     guide: Callable,
@@ -217,7 +152,7 @@ def fit(
     vectorize_particles: bool = True,
     loss: ELBO | None = None,
     fast: bool | None = None,
-    optimizer: type[torch.optim.Optimizer] = torch.optim.Adam,
+    optimizer: type[torch.optim.Optimizer] | str = torch.optim.Adam,
     optimizer_kwargs: dict | None = None,
     lr_schedule: str | Callable[[int], float] | None = None,
     clip_norm: float | None = None,
@@ -233,37 +168,59 @@ def fit(
 ) -> FitResult:
     """Fit ``guide`` to ``model`` by stochastic variational inference.
 
+    Every argument is checked before anything runs; a bad one is refused with an error that
+    names it.
+
     Args:
-        model, guide: Pyro model and guide; ``*args, **kwargs`` are passed to both.
+        model, guide: Pyro model and guide; ``*args, **kwargs`` are passed to both. A pyro_nf
+            flow autoguide that is already set up (called, ``setup()``, or fitted before) must
+            be fitted with arguments that give the model the same latent sites and shapes;
+            otherwise the fit is refused before its first step (build a new guide for other
+            data).
         num_steps: total number of steps (a resumed fit counts the steps already taken).
-        lr: learning rate.
+        lr: learning rate, a positive finite number.
         num_particles: Monte Carlo particles per step (vectorized when ``vectorize_particles``).
         vectorize_particles: evaluate the particles in one pass through a leading plate (the
             model must broadcast over it); ``False`` evaluates them one at a time with
             ``Trace_ELBO``.
-        loss: an ELBO instance to use instead of the default below.
+        loss: an ELBO instance to use instead of the default below; used as given.
         fast: use :class:`~pyro_nf.fast.FastELBO` (same loss as ``Trace_ELBO``, without tracing
-            the guide; several times faster for flow guides). ``None`` (default): for pyro_nf flow
-            autoguides, falling back to ``Trace_ELBO`` if the model cannot be evaluated that way
-            (e.g. does not broadcast over particles); ``True``: required; ``False``: never.
-            Other guides always use ``Trace_ELBO``, and so does ``vectorize_particles=False``
-            with more than one particle (FastELBO always vectorizes; ``fast=True`` then raises).
-        optimizer, optimizer_kwargs: a ``torch.optim`` optimizer class and extra arguments.
-            Adam and its subclasses get a multi-tensor kernel unless ``optimizer_kwargs`` sets
-            ``fused`` or ``foreach``: fused on CUDA or with one CPU thread, ``foreach`` otherwise.
+            the guide; several times faster for flow guides). ``None`` (default): for pyro_nf
+            flow autoguides; ``True``: required; ``False``: never. Other guides use
+            ``Trace_ELBO``, and so does ``vectorize_particles=False`` with more than one particle
+            (FastELBO always vectorizes; ``fast=True`` then raises). With the default loss and
+            ``num_particles > 1`` vectorized, a model that fails on the particle plate but
+            evaluates with one particle gets its particles evaluated one at a time by
+            ``Trace_ELBO`` instead (the same estimator), with a warning; any other error is
+            raised as it is.
+        optimizer, optimizer_kwargs: a ``torch.optim`` optimizer class (or its name, any case:
+            ``"adam"``, ``"sgd"``...) and extra arguments for it (not ``lr``). Adam and its
+            subclasses get a multi-tensor kernel unless ``optimizer_kwargs`` sets ``fused`` or
+            ``foreach``: fused on CUDA or with one CPU thread, ``foreach`` otherwise.
         lr_schedule: ``None``, ``"exponential"`` (to 1% of ``lr`` at the last step), ``"cosine"``,
             or a callable ``step -> factor`` multiplying ``lr``.
-        clip_norm: clip the global gradient norm to this value.
+        clip_norm: clip the global gradient norm to this value (a positive finite number), or
+            ``None`` for no clipping.
         stop_window, stop_tol: the stopping rule (module docs); off when ``stop_window`` is None.
+            ``stop_tol`` is a finite number ``>= 0``.
         max_bad_steps: consecutive non-finite steps tolerated before :class:`FitError`.
         seed: seeds Pyro's random number generators (``pyro.set_rng_seed``) before the fit.
         progress: show a progress bar (tqdm) with the loss and its running mean.
-        checkpoint: file to save checkpoints to (and resume from when ``resume=True``).
-        checkpoint_every: steps between checkpoints; the last step is always saved.
-        resume: continue from ``checkpoint``; the guide must be built the same way.
+        checkpoint: file to save checkpoints to (and resume from when ``resume=True``). Its
+            folder must exist and be writable (checked before the first step).
+        checkpoint_every: steps between checkpoints; the last step is always saved, and so is
+            the last finished step when a step fails or the fit is interrupted.
+        resume: continue from ``checkpoint``. The model, the guide (built the same way), the
+            optimizer and its settings must be those that wrote it; ``lr`` and ``lr_schedule``
+            may change. A mismatch is refused with :class:`CheckpointError`, which names it.
 
     Returns:
         :class:`FitResult` with one loss per step.
+
+    Raises:
+        FitError: a step failed, or ``max_bad_steps`` steps in a row were not finite; its
+            ``result`` holds the steps finished.
+        CheckpointError: the checkpoint to resume is not readable or belongs to another fit.
 
     Example:
         >>> import pyro, pyro.distributions as dist, torch, pyro_nf
@@ -276,213 +233,358 @@ def fit(
         >>> len(result.losses), result.stopped
         (50, 'num_steps')
     """
-    _check_positive_int(num_steps, "num_steps")
-    _check_positive_int(num_particles, "num_particles")
-    _check_positive_int(max_bad_steps, "max_bad_steps")
-    _check_positive_int(checkpoint_every, "checkpoint_every")
-    if stop_window is not None:
-        _check_positive_int(stop_window, "stop_window")
-    if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
-        raise ValueError(f"lr must be a positive number, got {lr!r}")
-    if resume and checkpoint is None:
-        raise ValueError("resume=True needs checkpoint=PATH")
-    lr_factor = _lr_factor(lr_schedule, num_steps)
-    trace_elbo = Trace_ELBO(
-        num_particles=num_particles, vectorize_particles=vectorize_particles and num_particles > 1
+    settings = _check_arguments(
+        num_steps=num_steps,
+        lr=lr,
+        num_particles=num_particles,
+        vectorize_particles=vectorize_particles,
+        loss=loss,
+        fast=fast,
+        optimizer=optimizer,
+        optimizer_kwargs=optimizer_kwargs,
+        lr_schedule=lr_schedule,
+        clip_norm=clip_norm,
+        stop_window=stop_window,
+        stop_tol=stop_tol,
+        max_bad_steps=max_bad_steps,
+        seed=seed,
+        progress=progress,
+        checkpoint=checkpoint,
+        checkpoint_every=checkpoint_every,
+        resume=resume,
     )
-    default_loss = loss is None
-    if loss is None:
-        # FastELBO evaluates particles in one vectorized pass (one particle needs no vectorizing)
-        vectorized = vectorize_particles or num_particles == 1
-        use_fast = isinstance(guide, AutoFlow) and fast is not False and vectorized
-        if fast and not isinstance(guide, AutoFlow):
-            raise ValueError(
-                f"fast=True needs a pyro_nf flow autoguide, got {type(guide).__name__}"
-            )
-        if fast and not vectorized:
-            raise ValueError(
-                "fast=True evaluates the particles in one vectorized pass; it cannot be combined "
-                "with vectorize_particles=False and num_particles > 1"
-            )
-        loss = FastELBO(num_particles) if use_fast else trace_elbo
-    elif fast:
-        raise ValueError("pass either loss= or fast=True, not both")
-
+    loss, may_fall_back = _choose_loss(guide, loss, fast, num_particles, vectorize_particles)
     if seed is not None:
         pyro.set_rng_seed(seed)
+    _check_latents_unchanged(model, guide, args, kwargs)
+    loss, names = _first_evaluation(loss, may_fall_back, model, guide, args, kwargs)
+    names, params = _collect_parameters(names)
+    opt = _make_optimizer(settings.optimizer, params, settings.lr, settings.optimizer_kwargs)
+    stepper = _Stepper(
+        loss, model, guide, args, kwargs, opt, names, params, settings.lr_factor, settings.clip_norm
+    )
+    saver = None
+    if settings.checkpoint is not None:
+        owner = _checkpoint.owner(guide, opt)
+        saver = _Checkpointer(settings.checkpoint, owner, names, params, opt)
+    run = saver.resume() if settings.resume else _Run()
+    return _loop(run, settings, stepper, saver, guide)
 
-    # Create every parameter once, so the optimizer knows them.
-    try:
-        with poutine.trace(param_only=True) as param_capture:
-            _capture_loss(loss, model, guide, args, kwargs)
-    except (ValueError, RuntimeError, NotImplementedError) as e:
-        # The default losses evaluate particles in one vectorized pass; a model that does not
-        # broadcast over them gets the plain sequential Trace_ELBO instead (same estimator).
-        vectorized = isinstance(loss, FastELBO) or getattr(loss, "vectorize_particles", False)
-        if (
-            not default_loss
-            or fast
-            or not (vectorized and (num_particles > 1 or isinstance(loss, FastELBO)))
-        ):
-            raise
-        warnings.warn(
-            f"{type(loss).__name__} could not evaluate this model ({type(e).__name__}: {e}); "
-            "using Trace_ELBO with particles one at a time",
-            stacklevel=2,
+
+# ------------------------------------------------------------------------------------------------
+# Arguments
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Settings:
+    """fit's arguments that the loop uses, checked and normalized."""
+
+    num_steps: int
+    lr: float
+    lr_factor: Callable[[int], float]
+    clip_norm: float | None
+    stop_window: int | None
+    stop_tol: float
+    max_bad_steps: int
+    optimizer: Callable
+    optimizer_kwargs: dict
+    progress: bool
+    checkpoint: str | None
+    checkpoint_every: int
+    resume: bool
+
+
+def _check_arguments(
+    *,
+    num_steps,
+    lr,
+    num_particles,
+    vectorize_particles,
+    loss,
+    fast,
+    optimizer,
+    optimizer_kwargs,
+    lr_schedule,
+    clip_norm,
+    stop_window,
+    stop_tol,
+    max_bad_steps,
+    seed,
+    progress,
+    checkpoint,
+    checkpoint_every,
+    resume,
+) -> _Settings:
+    """Check every argument of :func:`fit` (errors name the argument); the loop's settings."""
+    for value, name in [
+        (num_steps, "num_steps"),
+        (num_particles, "num_particles"),
+        (max_bad_steps, "max_bad_steps"),
+        (checkpoint_every, "checkpoint_every"),
+    ]:
+        _check_positive_int(value, name)
+    if stop_window is not None:
+        _check_positive_int(stop_window, "stop_window")
+    _check_number(lr, "lr", lower=0.0)
+    if clip_norm is not None:
+        _check_number(clip_norm, "clip_norm", lower=0.0, hint=" (or None for no clipping)")
+    _check_number(stop_tol, "stop_tol", lower=0.0, strict=False)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+        raise ValueError(f"seed must be None or an integer, got {seed!r}")
+    for value, name in [
+        (vectorize_particles, "vectorize_particles"),
+        (progress, "progress"),
+        (resume, "resume"),
+    ]:
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, got {value!r}")
+    if not (fast is None or isinstance(fast, bool)):
+        raise TypeError(f"fast must be None, True or False, got {fast!r}")
+    if loss is not None:
+        _check_loss(loss)
+    if resume and checkpoint is None:
+        raise ValueError("resume=True needs checkpoint=PATH")
+    return _Settings(
+        num_steps=num_steps,
+        lr=float(lr),
+        lr_factor=_lr_factor(lr_schedule, num_steps),
+        clip_norm=None if clip_norm is None else float(clip_norm),
+        stop_window=stop_window,
+        stop_tol=float(stop_tol),
+        max_bad_steps=max_bad_steps,
+        optimizer=_resolve_optimizer(optimizer),
+        optimizer_kwargs=_check_optimizer_kwargs(optimizer_kwargs),
+        progress=progress,
+        checkpoint=None if checkpoint is None else _checkpoint.check_path(checkpoint, resume),
+        checkpoint_every=checkpoint_every,
+        resume=resume,
+    )
+
+
+def _check_positive_int(value, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_number(value, name: str, *, lower: float, strict: bool = True, hint: str = "") -> None:
+    """A real number (not a bool) that is finite and above ``lower`` (or at it, if not strict)."""
+    ok = (
+        not isinstance(value, bool)
+        and isinstance(value, numbers.Real)
+        and math.isfinite(value)
+        and (value > lower if strict else value >= lower)
+    )
+    if not ok:
+        kind = (
+            "a positive finite number" if strict and lower == 0 else f"a finite number >= {lower}"
         )
-        loss = Trace_ELBO(num_particles=num_particles, vectorize_particles=False)
-        with poutine.trace(param_only=True) as param_capture:
-            _capture_loss(loss, model, guide, args, kwargs)
-    # One entry per tensor: Pyro can store a tensor under two names (e.g. AutoIAFNormal's
-    # _prototype_tensor), and the optimizer must not step it twice.
+        raise ValueError(f"{name} must be {kind}{hint}, got {value!r}")
+
+
+def _check_loss(loss) -> None:
+    if isinstance(loss, type):
+        raise TypeError(
+            f"loss must be an ELBO instance, got the class {loss.__name__}; "
+            f"pass loss={loss.__name__}(...)"
+        )
+    if not (hasattr(loss, "differentiable_loss") or hasattr(loss, "loss_and_grads")):
+        raise TypeError(
+            f"loss must be an ELBO instance such as pyro.infer.Trace_ELBO(), got {loss!r}"
+        )
+
+
+def _optimizers_by_name() -> dict[str, type[torch.optim.Optimizer]]:
+    return {
+        name.lower(): cls
+        for name, cls in vars(torch.optim).items()
+        if isinstance(cls, type)
+        and issubclass(cls, torch.optim.Optimizer)
+        and cls is not torch.optim.Optimizer
+    }
+
+
+def _resolve_optimizer(optimizer) -> Callable:
+    """The optimizer class (or factory) for ``optimizer=``: a class, or a torch.optim name."""
+    if isinstance(optimizer, str):
+        by_name = _optimizers_by_name()
+        if optimizer.lower() not in by_name:
+            raise ValueError(
+                f"optimizer={optimizer!r} is not the name of a torch.optim optimizer (one of "
+                f"{', '.join(sorted(by_name))}); or pass a class, e.g. torch.optim.Adam"
+            )
+        optimizer = by_name[optimizer.lower()]
+    if isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            f"optimizer must be an optimizer class or name, not an instance "
+            f"({type(optimizer).__name__}): fit builds it over the parameters it collects; "
+            f"pass optimizer=torch.optim.{type(optimizer).__name__} and its settings in "
+            "optimizer_kwargs"
+        )
+    module = getattr(optimizer, "__module__", None) or ""
+    if module.startswith("pyro.optim") or isinstance(optimizer, pyro.optim.PyroOptim):
+        raise TypeError(
+            f"optimizer takes a torch.optim class, not Pyro's wrapper {optimizer!r}; pass e.g. "
+            "optimizer=torch.optim.Adam, with its settings (other than lr) in optimizer_kwargs"
+        )
+    if isinstance(optimizer, type):
+        if not issubclass(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"optimizer must be a torch.optim.Optimizer subclass, got {optimizer.__name__}"
+            )
+        if issubclass(optimizer, torch.optim.LBFGS):
+            raise ValueError(
+                "optimizer=LBFGS needs a closure that re-evaluates a deterministic loss; fit's "
+                "steps are stochastic estimates. Use a first-order optimizer (Adam, SGD...)"
+            )
+    elif not callable(optimizer):
+        raise TypeError(
+            f"optimizer must be a torch.optim optimizer class or its name, got {optimizer!r}"
+        )
+    return optimizer
+
+
+def _check_optimizer_kwargs(optimizer_kwargs) -> dict:
+    if optimizer_kwargs is None:
+        return {}
+    if not isinstance(optimizer_kwargs, Mapping):
+        raise TypeError(f"optimizer_kwargs must be a dict or None, got {optimizer_kwargs!r}")
+    for key in ("lr", "params"):
+        if key in optimizer_kwargs:
+            raise ValueError(
+                f"optimizer_kwargs must not set {key!r}"
+                + (": pass lr= to fit" if key == "lr" else ": fit collects the parameters")
+            )
+    return dict(optimizer_kwargs)
+
+
+def _lr_factor(schedule, num_steps: int) -> Callable[[int], float]:
+    if schedule is None:
+        return lambda step: 1.0
+    if callable(schedule):
+        return schedule
+    if schedule == "exponential":  # decays to 1% of lr at the last step
+        return lambda step: 0.01 ** (step / max(num_steps - 1, 1))
+    if schedule == "cosine":
+        return lambda step: 0.5 * (1.0 + math.cos(math.pi * step / max(num_steps - 1, 1)))
+    raise ValueError(
+        f"lr_schedule must be None, 'exponential', 'cosine' or a callable step -> factor, got {schedule!r}"
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# The loss
+# ------------------------------------------------------------------------------------------------
+def _choose_loss(
+    guide, loss: ELBO | None, fast: bool | None, num_particles: int, vectorize_particles: bool
+) -> tuple[ELBO, bool]:
+    """The loss to fit with, and whether it may fall back to sequential particles.
+
+    A loss the user passes is used as it is. Otherwise: ``FastELBO`` for pyro_nf flow autoguides
+    (unless ``fast=False``, or particles that must not be vectorized), else ``Trace_ELBO``. Only
+    the default loss with vectorized particles (more than one) may fall back, and only when
+    ``fast`` is not ``True`` (see :func:`_first_evaluation`).
+    """
+    if loss is not None:
+        if fast:
+            raise ValueError("pass either loss= or fast=True, not both")
+        return loss, False
+    # FastELBO evaluates particles in one vectorized pass (one particle needs no vectorizing)
+    vectorized = vectorize_particles or num_particles == 1
+    if fast and not isinstance(guide, AutoFlow):
+        raise ValueError(f"fast=True needs a pyro_nf flow autoguide, got {type(guide).__name__}")
+    if fast and not vectorized:
+        raise ValueError(
+            "fast=True evaluates the particles in one vectorized pass; it cannot be combined "
+            "with vectorize_particles=False and num_particles > 1"
+        )
+    if isinstance(guide, AutoFlow) and fast is not False and vectorized:
+        chosen = FastELBO(num_particles)
+    else:
+        chosen = Trace_ELBO(
+            num_particles=num_particles,
+            vectorize_particles=vectorize_particles and num_particles > 1,
+        )
+    may_fall_back = not fast and vectorize_particles and num_particles > 1
+    return chosen, may_fall_back
+
+
+def _first_evaluation(
+    loss: ELBO, may_fall_back: bool, model, guide, args: tuple, kwargs: dict
+) -> tuple[ELBO, list[str]]:
+    """Evaluate the loss once, which sets the guide up and creates every parameter.
+
+    Returns the loss to fit with and the names of the parameters the evaluation used. An error
+    is raised as it is, except in one case: the loss vectorizes several particles (and
+    ``may_fall_back``), and the same model and guide evaluate with one particle and no particle
+    plate. Then the model does not broadcast over the particle plate, and the particles are
+    evaluated one at a time by ``Trace_ELBO`` (the same estimator), with a warning.
+    """
+    try:
+        return loss, _parameter_names(loss, model, guide, args, kwargs)
+    except Exception as error:
+        if not may_fall_back or not _evaluates_with_one_particle(loss, model, guide, args, kwargs):
+            raise
+        n = loss.num_particles
+        warnings.warn(
+            f"{type(loss).__name__} with {n} vectorized particles failed ({type(error).__name__}:"
+            f" {_first_line(error)}), but the model evaluates with one particle: it does not "
+            f"broadcast over the particle plate. The {n} particles are evaluated one at a time "
+            "with Trace_ELBO instead (the same estimator, slower). Pass "
+            "vectorize_particles=False to choose this without the warning",
+            stacklevel=3,
+        )
+        sequential = Trace_ELBO(num_particles=n, vectorize_particles=False)
+        return sequential, _parameter_names(sequential, model, guide, args, kwargs)
+
+
+def _evaluates_with_one_particle(loss: ELBO, model, guide, args: tuple, kwargs: dict) -> bool:
+    """Whether the model and guide evaluate with one particle, without a particle plate."""
+    single = FastELBO(1) if isinstance(loss, FastELBO) else Trace_ELBO(num_particles=1)
+    try:
+        single.loss(model, guide, *args, **kwargs)
+    except Exception:  # noqa: BLE001 - any failure here means the first error was not about particles
+        return False
+    return True
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def _capture_loss(loss: ELBO, model, guide, args, kwargs) -> None:
+    if hasattr(loss, "differentiable_loss"):
+        loss.differentiable_loss(model, guide, *args, **kwargs)
+    else:
+        loss.loss(model, guide, *args, **kwargs)
+
+
+def _parameter_names(loss: ELBO, model, guide, args, kwargs) -> list[str]:
+    """Names of the parameters one evaluation of the loss uses (creating any that are new)."""
+    with poutine.trace(param_only=True) as param_capture:
+        _capture_loss(loss, model, guide, args, kwargs)
+    return list(param_capture.trace.nodes)
+
+
+# ------------------------------------------------------------------------------------------------
+# Parameters and optimizer
+# ------------------------------------------------------------------------------------------------
+def _collect_parameters(names: list[str]) -> tuple[list[str], list[torch.Tensor]]:
+    """The param store's unconstrained tensors for ``names``, one entry per tensor.
+
+    Pyro can store a tensor under two names (e.g. AutoIAFNormal's ``_prototype_tensor``), and the
+    optimizer must not step it twice.
+    """
     store = pyro.get_param_store()
-    names, params, seen = [], [], set()
-    for name in param_capture.trace.nodes:
+    kept, params, seen = [], [], set()
+    for name in names:
         p = store[name].unconstrained()
         if id(p) not in seen:
             seen.add(id(p))
-            names.append(name)
+            kept.append(name)
             params.append(p)
-    if not names:
+    if not kept:
         raise ValueError("the model and guide have no parameters to fit")
-    opt = _make_optimizer(optimizer, params, lr, optimizer_kwargs or {})
-    base_lrs = [group["lr"] for group in opt.param_groups]
-
-    losses: list[float] = []
-    skipped: list[int] = []
-    start_step = 0
-    if resume:
-        if not os.path.exists(checkpoint):
-            raise FileNotFoundError(
-                f"resume=True but there is no checkpoint at {os.fspath(checkpoint)!r}"
-            )
-        ckpt = _load_checkpoint(checkpoint)
-        missing = set(names) ^ set(ckpt["params"])
-        if missing:
-            raise CheckpointError(
-                f"checkpoint {os.fspath(checkpoint)!r} does not match this model and guide; "
-                f"parameters present in only one of them: {sorted(missing)[:5]}"
-            )
-        with torch.no_grad():
-            for name, p in zip(names, params):
-                saved = ckpt["params"][name]
-                if saved.shape != p.shape:
-                    raise CheckpointError(
-                        f"parameter {name!r} has shape {tuple(saved.shape)} in the checkpoint, {tuple(p.shape)} here"
-                    )
-                p.copy_(saved.to(p.device, p.dtype))
-        opt.load_state_dict(ckpt["optimizer"])
-        losses = ckpt["losses"].tolist()
-        skipped = list(ckpt["skipped"])
-        start_step = int(ckpt["step"])
-        _set_rng_state(ckpt["rng"])
-
-    rng_before_step = None  # random-number state at the start of the current step
-    saved = False
-
-    def save(step: int, rng: dict | None = None) -> None:
-        if checkpoint is None:
-            return
-        _save_checkpoint(
-            os.fspath(checkpoint),
-            {
-                "format": _CHECKPOINT_FORMAT,
-                "step": step,
-                "params": {n: p.detach().cpu() for n, p in zip(names, params)},
-                "optimizer": opt.state_dict(),
-                "losses": torch.tensor(losses, dtype=torch.float64, device="cpu"),
-                "skipped": list(skipped),
-                "rng": rng if rng is not None else _rng_state(),
-            },
-        )
-
-    bar = _progress_bar(num_steps, start_step, progress)
-    stopped = "num_steps"
-    bad_in_a_row = 0
-    t0 = time.perf_counter()
-    step = start_step
-    try:
-        while step < num_steps:
-            if checkpoint is not None:  # to checkpoint an unfinished step as not yet begun
-                rng_before_step = _rng_state()
-            factor = lr_factor(step)
-            for group, base in zip(opt.param_groups, base_lrs):
-                group["lr"] = base * factor
-            opt.zero_grad(set_to_none=True)
-            try:
-                value = _loss_and_backward(loss, model, guide, args, kwargs)
-            except (ValueError, RuntimeError) as e:
-                # e.g. a distribution rejecting a NaN parameter: the step never reached the
-                # optimizer, so the parameters are still the last good ones; keep them on disk.
-                save(step, rng_before_step)
-                raise FitError(
-                    f"step {step}: the model or guide failed ({type(e).__name__}: {e}). The "
-                    f"parameters are those of the last finished step ({step - 1})."
-                ) from e
-            bad_grads = _non_finite_grads(names, params) if math.isfinite(value) else []
-            if not math.isfinite(value) or bad_grads:
-                bad_in_a_row += 1
-                skipped.append(step)
-                losses.append(float("nan"))
-                if bad_in_a_row >= max_bad_steps:
-                    last = step - bad_in_a_row
-                    kept = (
-                        f"those of the last finite step ({last})"
-                        if last >= 0
-                        else "the initial ones (no step was finite)"
-                    )
-                    raise FitError(
-                        f"step {step}: {bad_in_a_row} consecutive non-finite steps, stopping. The "
-                        f"parameters are {kept}. Likely cause: {_likely_cause(value, bad_grads)}."
-                    )
-            else:
-                bad_in_a_row = 0
-                if clip_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(params, clip_norm)
-                opt.step()
-                losses.append(value)
-            step += 1
-            if bar is not None:
-                bar.update(1)
-                if step % 10 == 0 or step == num_steps:
-                    recent = [v for v in losses[-100:] if math.isfinite(v)]
-                    bar.set_postfix(
-                        loss=f"{value:.4g}",
-                        mean=f"{np.mean(recent) if recent else float('nan'):.4g}",
-                    )
-            if step % checkpoint_every == 0:
-                save(step)
-            if (
-                stop_window
-                and step % stop_window == 0
-                and _converged(losses, stop_window, stop_tol)
-            ):
-                stopped = "converged"
-                break
-    except KeyboardInterrupt:
-        stopped = "interrupted"
-        if len(losses) > step:  # the step had finished; only its count was missing
-            step = len(losses)
-        else:  # the step had not reached the optimizer: save it as not begun
-            save(step, rng_before_step)
-            saved = True
-        warnings.warn(f"fit interrupted at step {step}; returning the result so far", stacklevel=2)
-    finally:
-        if bar is not None:
-            bar.close()
-    seconds = time.perf_counter() - t0
-    if not saved and (step % checkpoint_every != 0 or stopped != "num_steps"):
-        save(step)
-    steps_here = step - start_step
-    return FitResult(
-        losses=np.asarray(losses, dtype=float),
-        num_steps=step,
-        stopped=stopped,
-        skipped_steps=skipped,
-        seconds=seconds,
-        seconds_per_step=seconds / steps_here if steps_here else float("nan"),
-        guide=guide,
-    )
+    return kept, params
 
 
 def _make_optimizer(optimizer, params, lr: float, kwargs: dict) -> torch.optim.Optimizer:
@@ -495,15 +597,83 @@ def _make_optimizer(optimizer, params, lr: float, kwargs: dict) -> torch.optim.O
     kernel (a few batched calls, no threading) is used. Where a kernel is not available (a device
     or dtype it does not support) the optimizer is built as asked.
     """
+    opt = None
     fusable = isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Adam)
     if fusable and not {"fused", "foreach"} & set(kwargs):
         on_cuda = all(p.is_cuda for p in params)
         kernel = {"fused": True} if on_cuda or torch.get_num_threads() == 1 else {"foreach": True}
         try:
-            return optimizer(params, lr=lr, **kernel, **kwargs)
+            opt = optimizer(params, lr=lr, **kernel, **kwargs)
         except (RuntimeError, TypeError, ValueError):
             pass
-    return optimizer(params, lr=lr, **kwargs)
+    if opt is None:
+        opt = optimizer(params, lr=lr, **kwargs)
+    if not isinstance(opt, torch.optim.Optimizer):
+        raise TypeError(
+            f"optimizer={optimizer!r} built a {type(opt).__name__}, not a torch.optim.Optimizer"
+        )
+    return opt
+
+
+# ------------------------------------------------------------------------------------------------
+# One step
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class _Outcome:
+    """What one step did: its loss, and the parameters whose gradient was not finite."""
+
+    value: float
+    bad_grads: list[str]
+
+    @property
+    def finite(self) -> bool:
+        return math.isfinite(self.value) and not self.bad_grads
+
+
+class _Stepper:
+    """One optimizer step of a fit, with everything it needs bound once.
+
+    ``stepper(step)`` sets the learning rate for ``step``, evaluates the loss and its gradients,
+    and updates the parameters (clipping the gradient norm first, if asked) only when the loss
+    and every gradient are finite; otherwise nothing changes. Exceptions propagate.
+    """
+
+    def __init__(
+        self, loss, model, guide, args, kwargs, optimizer, names, params, lr_factor, clip_norm
+    ) -> None:
+        self.loss, self.model, self.guide = loss, model, guide
+        self.args, self.kwargs = args, kwargs
+        self.optimizer, self.names, self.params = optimizer, names, params
+        self.lr_factor, self.clip_norm = lr_factor, clip_norm
+        # The lrs fit was called with: a resumed optimizer state does not replace them.
+        self.base_lrs = [group["lr"] for group in optimizer.param_groups]
+
+    def __call__(self, step: int) -> _Outcome:
+        factor = self.lr_factor(step)
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * factor
+        self.optimizer.zero_grad(set_to_none=True)
+        value = _loss_and_backward(self.loss, self.model, self.guide, self.args, self.kwargs)
+        bad_grads = _non_finite_grads(self.names, self.params) if math.isfinite(value) else []
+        outcome = _Outcome(value, bad_grads)
+        if outcome.finite:
+            if self.clip_norm is not None:
+                torch.nn.utils.clip_grad_norm_(self.params, self.clip_norm)
+            self.optimizer.step()
+        return outcome
+
+
+def _loss_and_backward(loss: ELBO, model, guide, args, kwargs) -> float:
+    """The loss value; gradients are accumulated only when it is finite (where we can tell)."""
+    if hasattr(loss, "differentiable_loss"):
+        loss_tensor = loss.differentiable_loss(model, guide, *args, **kwargs)
+        value = float(loss_tensor.detach())
+        if math.isfinite(value):
+            loss_tensor.backward()
+        return value
+    # ELBOs without a differentiable loss (e.g. RenyiELBO) run backward themselves; non-finite
+    # gradients are caught by the caller's check before any optimizer step.
+    return float(loss.loss_and_grads(model, guide, *args, **kwargs))
 
 
 def _non_finite_grads(names: list[str], params: list[torch.Tensor]) -> list[str]:
@@ -521,24 +691,230 @@ def _non_finite_grads(names: list[str], params: list[torch.Tensor]) -> list[str]
     ]
 
 
-def _capture_loss(loss: ELBO, model, guide, args, kwargs) -> None:
-    if hasattr(loss, "differentiable_loss"):
-        loss.differentiable_loss(model, guide, *args, **kwargs)
-    else:
-        loss.loss(model, guide, *args, **kwargs)
+def _likely_cause(loss: float, bad_grads: list[str]) -> str:
+    if not math.isfinite(loss):
+        return (
+            f"the loss itself is {loss}: the model or guide produced a non-finite log-density "
+            "(NaN data, a log of zero, a scale that reached zero, or an overflow). Check the data, "
+            "lower lr, or use a smaller init_scale"
+        )
+    return (
+        "the loss is finite but gradients of " + ", ".join(bad_grads[:5]) + " are not: a "
+        "non-differentiable point (e.g. sqrt or norm at 0) or an overflow in the backward pass"
+    )
 
 
-def _loss_and_backward(loss: ELBO, model, guide, args, kwargs) -> float:
-    """The loss value; gradients are accumulated only when it is finite (where we can tell)."""
-    if hasattr(loss, "differentiable_loss"):
-        loss_tensor = loss.differentiable_loss(model, guide, *args, **kwargs)
-        value = float(loss_tensor.detach())
-        if math.isfinite(value):
-            loss_tensor.backward()
-        return value
-    # ELBOs without a differentiable loss (e.g. RenyiELBO) run backward themselves; non-finite
-    # gradients are caught by the caller's check before any optimizer step.
-    return float(loss.loss_and_grads(model, guide, *args, **kwargs))
+# ------------------------------------------------------------------------------------------------
+# What a fit has done, and its checkpoints
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class _Run:
+    """What a fit has done so far (restored from a checkpoint when resuming)."""
+
+    losses: list[float] = field(default_factory=list)
+    skipped: list[int] = field(default_factory=list)
+    step: int = 0  # steps finished, resumed ones included
+    start_step: int = 0  # steps finished before this call
+    bad_in_a_row: int = 0
+    stopped: str = "num_steps"
+    t0: float = field(default_factory=time.perf_counter)
+
+    def record(self, outcome: _Outcome) -> None:
+        """Count a finished step: its loss, or NaN and its index if it was skipped."""
+        if outcome.finite:
+            self.bad_in_a_row = 0
+            self.losses.append(outcome.value)
+        else:
+            self.bad_in_a_row += 1
+            self.skipped.append(self.step)
+            self.losses.append(float("nan"))
+        self.step += 1
+
+    def kept_parameters(self) -> str:
+        """Which step's parameters the guide holds, in words (for error messages)."""
+        last = self.step - 1 - self.bad_in_a_row  # skipped steps leave the parameters alone
+        if last < 0:
+            return "the initial ones (no step was finite)"
+        return f"those of the last finite step ({last})"
+
+    def result(self, guide) -> FitResult:
+        seconds = time.perf_counter() - self.t0
+        steps_here = self.step - self.start_step
+        return FitResult(
+            losses=np.asarray(self.losses, dtype=float),
+            num_steps=self.step,
+            stopped=self.stopped,
+            skipped_steps=list(self.skipped),
+            seconds=seconds,
+            seconds_per_step=seconds / steps_here if steps_here else float("nan"),
+            guide=guide,
+        )
+
+
+class _Checkpointer:
+    """Saves a fit's state to ``path`` (see :mod:`pyro_nf._checkpoint`) and resumes from it."""
+
+    def __init__(self, path: str, owner: dict, names, params, optimizer) -> None:
+        self.path, self.owner = path, owner
+        self.names, self.params, self.optimizer = names, params, optimizer
+
+    def save(self, run: _Run, rng: dict | None = None) -> None:
+        """Save ``run`` as it is (with ``rng``, the random-number states at ``run.step``)."""
+        _save_checkpoint(
+            self.path,
+            {
+                "format": _checkpoint.FORMAT,
+                **self.owner,
+                "step": run.step,
+                "params": {n: p.detach().cpu() for n, p in zip(self.names, self.params)},
+                "optimizer": self.optimizer.state_dict(),
+                "losses": torch.tensor(run.losses, dtype=torch.float64, device="cpu"),
+                "skipped": list(run.skipped),
+                "rng": rng if rng is not None else _rng_state(),
+            },
+        )
+
+    def resume(self) -> _Run:
+        """Load the checkpoint into the parameters, optimizer and generators; its run so far."""
+        ckpt = _checkpoint.load(self.path)
+        _checkpoint.restore(ckpt, self.path, self.owner, self.names, self.params, self.optimizer)
+        step = int(ckpt["step"])
+        return _Run(
+            losses=ckpt["losses"].tolist(),
+            skipped=list(ckpt["skipped"]),
+            step=step,
+            start_step=step,
+        )
+
+
+# ------------------------------------------------------------------------------------------------
+# The loop
+# ------------------------------------------------------------------------------------------------
+def _loop(
+    run: _Run, settings: _Settings, stepper: _Stepper, saver: _Checkpointer | None, guide
+) -> FitResult:
+    """Take steps until ``num_steps``, the stopping rule, Ctrl-C or an error.
+
+    A step that raises leaves the parameters of the last finished step; they are checkpointed
+    (with the random-number states from before the failed step, so a resumed fit retries it as
+    it would have run) and a :class:`FitError` with the result so far is raised from the error.
+    """
+    bar = _progress_bar(settings.num_steps, run.step, settings.progress)
+    saved = False
+    in_step, rng_before_step = False, None
+    run.t0 = time.perf_counter()
+    try:
+        while run.step < settings.num_steps:
+            if saver is not None:  # to checkpoint an unfinished step as not yet begun
+                rng_before_step = _rng_state()
+            in_step = True
+            try:
+                outcome = stepper(run.step)
+            except Exception as e:
+                raise _step_failed(e, run, saver, rng_before_step, guide) from e
+            run.record(outcome)
+            in_step = False
+            if run.bad_in_a_row >= settings.max_bad_steps:
+                raise _too_many_bad_steps(run, outcome, saver, guide)
+            if bar is not None:
+                _show_progress(bar, run, outcome.value, settings.num_steps)
+            if run.step % settings.checkpoint_every == 0:
+                _save_or_fail(saver, run, guide)
+            if (
+                settings.stop_window
+                and run.step % settings.stop_window == 0
+                and _converged(run.losses, settings.stop_window, settings.stop_tol)
+            ):
+                run.stopped = "converged"
+                break
+    except KeyboardInterrupt:
+        run.stopped = "interrupted"
+        if len(run.losses) > run.step:  # the step had finished; only its count was missing
+            run.step = len(run.losses)
+        elif in_step and saver is not None:  # the step never reached the optimizer: not begun
+            _save_or_fail(saver, run, guide, rng_before_step)
+            saved = True
+        warnings.warn(
+            f"fit interrupted at step {run.step}; returning the result so far", stacklevel=3
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    if not saved and (run.step % settings.checkpoint_every != 0 or run.stopped != "num_steps"):
+        _save_or_fail(saver, run, guide)
+    return run.result(guide)
+
+
+def _save_or_fail(saver: _Checkpointer | None, run: _Run, guide, rng: dict | None = None) -> None:
+    """Save a checkpoint; a failure to write it is a :class:`FitError` that keeps the result."""
+    if saver is None:
+        return
+    try:
+        saver.save(run, rng)
+    except Exception as e:
+        run.stopped = "error"
+        raise FitError(
+            f"step {run.step}: could not write the checkpoint {saver.path!r} ({type(e).__name__}:"
+            f" {e}). The fit so far is in this error's .result; the parameters are those of "
+            f"step {run.step - 1}",
+            run.result(guide),
+        ) from e
+
+
+def _step_failed(
+    error: Exception, run: _Run, saver: _Checkpointer | None, rng: dict | None, guide
+) -> FitError:
+    """The FitError for a step that raised, after checkpointing the last finished step."""
+    run.stopped = "error"
+    where = ""
+    if saver is not None:
+        try:
+            saver.save(run, rng)
+            where = (
+                f" They are checkpointed in {saver.path!r} (resume=True retries step {run.step})."
+            )
+        except Exception as e:  # noqa: BLE001 - report, but the step's own error comes first
+            where = f" Writing the checkpoint failed too ({type(e).__name__}: {e})."
+    return FitError(
+        f"step {run.step}: the model or guide failed ({type(error).__name__}: {error}). The "
+        f"parameters are {_finished(run)}.{where} The result so far is in this error's .result.",
+        run.result(guide),
+    )
+
+
+def _finished(run: _Run) -> str:
+    if run.step == 0:
+        return "the initial ones (no step had finished)"
+    return f"those of the last finished step ({run.step - 1})"
+
+
+def _too_many_bad_steps(
+    run: _Run, outcome: _Outcome, saver: _Checkpointer | None, guide
+) -> FitError:
+    """The FitError for ``max_bad_steps`` non-finite steps in a row (checkpointed first)."""
+    where = ""
+    if saver is not None:
+        try:
+            saver.save(run)
+            where = f" The fit so far is checkpointed in {saver.path!r}."
+        except Exception as e:  # noqa: BLE001 - report, but the non-finite steps come first
+            where = f" Writing the checkpoint failed ({type(e).__name__}: {e})."
+    run.stopped = "error"
+    return FitError(
+        f"step {run.step - 1}: {run.bad_in_a_row} consecutive non-finite steps, stopping. The "
+        f"parameters are {run.kept_parameters()}. Likely cause: "
+        f"{_likely_cause(outcome.value, outcome.bad_grads)}.{where}",
+        run.result(guide),
+    )
+
+
+def _show_progress(bar, run: _Run, value: float, num_steps: int) -> None:
+    bar.update(1)
+    if run.step % 10 == 0 or run.step == num_steps:
+        recent = [v for v in run.losses[-100:] if math.isfinite(v)]
+        bar.set_postfix(
+            loss=f"{value:.4g}", mean=f"{np.mean(recent) if recent else float('nan'):.4g}"
+        )
 
 
 def _converged(losses: list[float], window: int, tol: float) -> bool:
@@ -547,11 +923,6 @@ def _converged(losses: list[float], window: int, tol: float) -> bool:
     cur = np.nanmean(losses[-window:])
     prev = np.nanmean(losses[-2 * window : -window])
     return bool(prev - cur < tol * max(1.0, abs(cur)))
-
-
-def _check_positive_int(value, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 def _progress_bar(total: int, initial: int, enabled: bool):
