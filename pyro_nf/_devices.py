@@ -9,12 +9,14 @@ from pyro.poutine.util import site_is_subsample
 
 
 def site_values(trace, observed: bool, exclude: Container[str] = ()) -> dict[str, torch.Tensor]:
-    """The tensor values of a trace's observed (or latent) sample sites, plates' indices left out."""
+    """The tensor values of a trace's observed (or latent) sample sites, leaving out plates'
+    indices and ``pyro.deterministic`` sites."""
     return {
         name: site["value"]
         for name, site in trace.nodes.items()
         if site["type"] == "sample"
         and bool(site["is_observed"]) == observed
+        and not site["infer"].get("_deterministic")  # (a function of the latents, not data)
         and name not in exclude
         and torch.is_tensor(site["value"])
         and not site_is_subsample(site)

@@ -226,8 +226,8 @@ class AutoFlow(AutoContinuous):
         self.noncentering = None
         if self._noncentered:
             loc = self._setup_noncentering(loc, args, kwargs)
-        # Built on the CPU whatever torch's default device (the same random start on every
-        # device for the same seed), then moved to the model's device and dtype.
+        # Built on the CPU whatever torch's default device, then moved to the model's device and
+        # dtype (a flow built under a meta or CUDA default device would need moving anyway).
         with torch.device("cpu"):
             flow = Flow(
                 self.latent_dim,
