@@ -36,6 +36,8 @@ def eight_schools_noncentered(y: torch.Tensor, sigma: torch.Tensor) -> None:
     mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
     tau = pyro.sample("tau", dist.HalfCauchy(5.0))
     with pyro.plate("school", len(y)):
-        theta_trans = pyro.sample("theta_trans", dist.Normal(0.0, 1.0))
+        # on the data's device: inside a plate a prior takes the plate's shape, and CUDA does
+        # not mix a CPU tensor with a shape into a CUDA computation (0-dim ones mix)
+        theta_trans = pyro.sample("theta_trans", dist.Normal(y.new_zeros(()), 1.0))
         theta = pyro.deterministic("theta", mu + tau * theta_trans)
         pyro.sample("y", dist.Normal(theta, sigma), obs=y)
