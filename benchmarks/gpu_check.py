@@ -227,9 +227,9 @@ def main() -> None:
     except ImportError:
         has_mnist = False
     steps = [
+        ("eight schools workflow on CUDA", [py, __file__, "--step", "eight_schools"], 150),
         ("pytest -m cuda", [py, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider",
                             "-rfE", "--continue-on-collection-errors", *workers, "tests"], 180),
-        ("eight schools workflow on CUDA", [py, __file__, "--step", "eight_schools"], 150),
         ("examples/vae.py --device cuda --quick",
          [py, "examples/vae.py", "--quick", "--device", "cuda", "--out", tmp], 60),
         ("benchmarks/speed.py --device cuda --quick",
