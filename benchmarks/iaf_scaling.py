@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--window", type=int, default=50, help="running-mean window (steps)")
     parser.add_argument(
-        "--tol", type=float, default=0.05, help="nats per latent counted as converged"
+        "--tol", type=float, default=0.1, help="nats per latent counted as converged"
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timing-steps", type=int, default=50, help="steps of the timing fit")
