@@ -32,15 +32,18 @@ __all__ = ["register_flow"]
 
 #: parameter tensor -> weak reference to the flow that put it into Pyro's param store
 _OWNER: WeakIdKeyDictionary = WeakIdKeyDictionary()
+#: flow -> (name, where each of its parameters lives), see :func:`_slots`
+_SLOTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _slots(flow: nn.Module, name: str) -> list[tuple[str, dict, str]]:
     """``(param-store name, the owning module's _parameters dict, key)`` of every parameter.
 
-    Cached per flow and name: walking the module tree costs more than the rest of the check.
-    The tensors are read from the dicts afresh at every call (registration may swap them).
+    Cached per flow and name (walking the module tree costs more than the rest of the check),
+    outside the flow, so that copies of it do not share the cache. The tensors are read from the
+    dicts afresh at every call (registration may swap them).
     """
-    cached = flow.__dict__.get("_param_slots")
+    cached = _SLOTS.get(flow)
     if cached is None or cached[0] != name:
         slots = []
         for mod_name, mod in flow.named_modules():
@@ -48,7 +51,7 @@ def _slots(flow: nn.Module, name: str) -> list[tuple[str, dict, str]]:
                 full = f"{mod_name}.{p_name}" if mod_name else p_name
                 slots.append((param_with_module_name(name, full), mod._parameters, p_name))
         cached = (name, slots)
-        flow.__dict__["_param_slots"] = cached
+        _SLOTS[flow] = cached
     return cached[1]
 
 

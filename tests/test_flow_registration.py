@@ -222,6 +222,40 @@ def test_a_fresh_flow_does_not_silently_take_another_flows_trained_values():
         _steps(model, guide, 1, _data())
 
 
+def test_a_copy_of_a_flow_is_a_second_flow_and_needs_its_own_name():
+    """``copy.deepcopy(flow)`` has its own tensors: refused under the same name, trained apart
+    under another."""
+    import copy
+
+    flow = pyro_nf.Flow(3, "planar", 2)
+
+    def run(f):
+        pyro.poutine.trace(lambda: pyro.sample("z", f())).get_trace()
+
+    run(flow)
+    twin = copy.deepcopy(flow)
+    with pytest.raises(ValueError, match="name="):
+        run(twin)
+    twin.name = "twin"
+    run(twin)
+    store = pyro.get_param_store()
+    for name, p in twin.named_parameters():
+        assert store.get_param(f"twin$$${name}") is p
+        assert store.get_param(f"flow$$${name}") is dict(flow.named_parameters())[name]
+
+
+def test_readme_vae_recipe_trains_under_jit_trace_elbo():
+    """Pyro's JIT loss finds the flow's parameters through the same registration."""
+    flow = pyro_nf.Flow(D, "iaf", 2, context_dim=H)
+    model, guide = _vae(flow, _Encoder(), register=("plain",))
+    before = _snapshot(flow)
+    svi = SVI(model, guide, Adam({"lr": 0.05}), pyro.infer.JitTrace_ELBO(ignore_jit_warnings=True))
+    x = _data()
+    for _ in range(3):
+        svi.step(x)
+    assert _unmoved(flow, before) == []
+
+
 def test_param_store_round_trip_restores_an_auto_registered_flow(tmp_path):
     """Save the param store, start afresh with a new flow, load: the flow has the saved values."""
     flow, encoder = pyro_nf.Flow(D, "iaf", 2, context_dim=H), _Encoder()
