@@ -34,6 +34,9 @@ __all__ = ["register_flow"]
 _OWNER: WeakIdKeyDictionary = WeakIdKeyDictionary()
 #: flow -> (name, where each of its parameters lives), see :func:`_slots`
 _SLOTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+#: flow -> (name, the store's dict, [(where, key, tensor, its other name or None if frozen)])
+#: when, at the last call, someone else had registered every trainable parameter
+_ELSEWHERE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _slots(flow: nn.Module, name: str) -> list[tuple[str, dict, str]]:
@@ -66,10 +69,25 @@ def register_flow(flow: nn.Module, name: str) -> None:
         return
     store = pyro.get_param_store()
     held_by_name = store._params
-    todo = []
+    # The common case inside an autoguide or a registered module, checked cheaply: nothing has
+    # changed since the last call found every parameter registered under another name.
+    last = _ELSEWHERE.get(flow)
+    if last is not None and last[0] == name and last[1] is held_by_name:
+        if all(
+            params.get(p_name) is p
+            and (
+                held_by_name.get(other) is p
+                if other is not None
+                else p is None or not p.requires_grad
+            )
+            for params, p_name, p, other in last[2]
+        ):
+            return
+    todo, elsewhere = [], []
     for key, params, p_name in _slots(flow, name):
         p = params.get(p_name)
         if p is None or not p.requires_grad:
+            elsewhere.append((params, p_name, p, None))
             continue  # frozen: nothing to train, and no warning per call
         other = store.param_name(p)
         if other is not None and other != key and held_by_name.get(other) is p:
@@ -78,10 +96,13 @@ def register_flow(flow: nn.Module, name: str) -> None:
             if held_by_name.get(key) is p:
                 del held_by_name[key]
                 store._constraints.pop(key, None)
+            elsewhere.append((params, p_name, p, other))
             continue
         todo.append((key, params, p_name, p))
     if not todo:
+        _ELSEWHERE[flow] = (name, held_by_name, elsewhere)
         return
+    _ELSEWHERE.pop(flow, None)
     # Check every entry before changing anything, so an error leaves the flow as it was.
     take, replace = [], []
     for key, params, p_name, p in todo:

@@ -309,12 +309,19 @@ def test_flow_called_outside_pyro_registers_nothing():
     assert list(pyro.get_param_store().keys()) == []
 
 
-def test_frozen_flow_registers_nothing_and_warns_nothing():
+def test_frozen_flow_registers_nothing_and_warns_nothing_until_unfrozen():
     flow = pyro_nf.Flow(D, "planar", 2, context_dim=H).requires_grad_(False)
+    run = pyro.poutine.trace(lambda: pyro.sample("z", flow(torch.randn(4, H)))).get_trace
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        pyro.poutine.trace(lambda: pyro.sample("z", flow(torch.randn(4, H)))).get_trace()
+        run()
+        run()
     assert list(pyro.get_param_store().keys()) == []
+    flow.requires_grad_(True)
+    run()
+    assert sorted(pyro.get_param_store().keys()) == sorted(
+        f"flow$$${n}" for n, _ in flow.named_parameters()
+    )
 
 
 def test_param_store_entry_of_another_shape_is_refused_with_a_clear_error():
