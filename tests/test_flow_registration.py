@@ -22,6 +22,17 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 D, H, P, N = 2, 6, 5, 8  # latent, context, data sizes, datapoints
 
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[
+            pytest.mark.cuda,
+            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+        ],
+    ),
+]
+
 
 def _data():
     return torch.bernoulli(torch.full((N, P), 0.3, dtype=torch.float32))
@@ -41,7 +52,7 @@ def _vae(flow, encoder, register=()):
     ``register`` names extra ``pyro.module`` calls the guide makes, before (``"flow-first"``,
     ``"encoder-first"``) or after (``"encoder-last"``) the sample statement.
     """
-    decoder = nn.Linear(D, P)
+    decoder = nn.Linear(D, P).to(next(encoder.parameters()).device)
 
     def model(x):
         pyro.module("decoder", decoder)
@@ -104,6 +115,26 @@ def test_readme_vae_recipe_trains_every_flow_parameter(transform):
     store = pyro.get_param_store()
     for name, p in flow.named_parameters():  # under the documented name, the same tensors
         assert store.get_param(f"flow$$${name}") is p
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_readme_vae_recipe_trains_on_the_device_and_restores_there(device, tmp_path):
+    """On the device: the recipe trains; a param store saved there loads back into a new flow."""
+    flow = pyro_nf.Flow(D, "iaf", 2, context_dim=H).to(device)
+    encoder = _Encoder().to(device)
+    model, guide = _vae(flow, encoder, register=("plain",))
+    x = _data().to(device)
+    before = _snapshot(flow)
+    _steps(model, guide, 3, x)
+    assert _unmoved(flow, before) == []
+    pyro.get_param_store().save(tmp_path / "params.pt")
+    pyro.clear_param_store()
+    fresh = pyro_nf.Flow(D, "iaf", 2, context_dim=H).to(device)
+    pyro.get_param_store().load(tmp_path / "params.pt", map_location=device)
+    model, guide = _vae(fresh, _Encoder().to(device), register=("plain",))
+    pyro.poutine.trace(guide).get_trace(x)
+    for (name, p), q in zip(fresh.named_parameters(), flow.parameters()):
+        assert p.device.type == device and torch.equal(p.detach(), q.detach()), name
 
 
 @pytest.mark.parametrize("transform", ["iaf", "planar"])

@@ -23,6 +23,17 @@ from pyro_nf.transforms.autoregressive import default_hidden_size, made_layout
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[
+            pytest.mark.cuda,
+            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+        ],
+    ),
+]
+
 
 def _normals(dim, seed=0):
     """Independent Normal posteriors with scales from 0.1 to 1 (the benchmark's model)."""
@@ -99,6 +110,27 @@ def test_step_scale_leaves_the_network_at_initialization_unchanged():
     for a, b in zip(scaled(x), plain(x)):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
     assert scaled.hidden[1].scale.min() < 0.2 and plain.hidden[1].scale is None
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_scaled_made_follows_its_device_and_dtype(device, dtype):
+    """The step scales are buffers: they move with the layer, and a guide on the device fits."""
+    made = MADE(300, (600,), torch.arange(300)).to(device=device, dtype=dtype)
+    assert made.out.scale.device.type == device and made.out.scale.dtype == dtype
+    m, a = made(torch.randn(4, 300, device=device, dtype=dtype))
+    assert m.device.type == device and a.dtype == dtype
+    dim = 300
+    y = torch.randn(dim, device=device, dtype=dtype)
+
+    def model():
+        z = pyro.sample("z", dist.Normal(torch.zeros_like(y), 1.0).to_event(1))
+        pyro.sample("y", dist.Normal(z, 1.0).to_event(1), obs=y)
+
+    guide = pyro_nf.AutoIAFFlow(model)
+    losses = pyro_nf.fit(model, guide, num_steps=20, progress=False, seed=0).losses
+    assert guide.flow.layers[0].made.out.scale.device.type == device
+    assert max(losses) < 3 * losses[0]
 
 
 def test_made_units_with_at_most_64_inputs_are_the_plain_masked_network():
