@@ -41,10 +41,10 @@ MAX_DEFAULT_WIDTH = 128
 def default_hidden_size(dim: int) -> int:
     """The default MADE hidden size for ``dim`` variables: :math:`\\min(\\max(2D, 16), 128)`.
 
-    Twice the number of variables (and at least 16) as Germain et al.'s masks need for every
-    degree to appear, but at most 128: the parameters of a layer grow as :math:`D \\times` width,
-    so an uncapped ``2 D`` gives :math:`6 D^2` per IAF layer (300 million at :math:`D = 5000`),
-    while with the cap an IAF layer has about :math:`3 \\cdot 128\\, D` parameters.
+    Twice the number of variables and at least 16, but at most 128: a MADE's parameters grow as
+    :math:`D \\times` width, so an uncapped ``2 D`` gives an IAF layer :math:`6 D^2` of them (150
+    million at :math:`D = 5000`, 300 million for ``AutoIAFFlow``'s two layers), while with the
+    cap it has about :math:`3 \\cdot 128\\, D`. Below :math:`D = 64` nothing changed.
 
     Example:
         >>> [default_hidden_size(d) for d in (1, 10, 64, 1000)]

@@ -177,8 +177,6 @@ class SplineAutoregressiveTransform(FlowTransform):
             in some order.
         bound: the splines act on ``[-bound, bound]``; the identity outside.
         min_bin_width, min_bin_height, min_derivative: see :func:`rational_quadratic_spline`.
-        fan_in_ref: MADE units with more inputs than this take the steps of a unit with this
-            many (see :class:`~pyro_nf.transforms.MADE`); ``None`` for plain masked layers.
 
     Example:
         >>> import torch
