@@ -23,9 +23,11 @@ from collections.abc import Sequence
 
 import torch
 from pyro.distributions import TorchDistribution
+from pyro.poutine.runtime import am_i_wrapped
 from torch import Tensor, nn
 from torch.distributions import constraints
 
+from ._autoregister import register_flow
 from .transforms import (
     Affine,
     AffineAutoregressive,
@@ -197,16 +199,30 @@ class Flow(nn.Module):
         fused: evaluate a planar or radial stack as one transform (stacked parameters, one loop,
             log-dets vectorized): the same numbers, a fraction of the per-layer overhead. The
             parameters are the same either way, so this can be switched at any time.
+        name: the name under which the flow registers its parameters with Pyro's param store
+            (``"{name}$$${parameter path}"``, as ``pyro.module(name, flow)`` would). Called inside a
+            Pyro handler (``SVI``, :func:`pyro_nf.fit`, ``Predictive``, ``poutine.trace``), the flow
+            registers every trainable parameter that the store does not already hold under another
+            name, so ``pyro.sample("z", flow(h))`` in a guide trains the flow with nothing else
+            added; a flow the user registers (``pyro.module`` on it or on a module that holds it,
+            or a ``PyroModule`` around it) keeps that registration and is not registered twice. As
+            with ``pyro.module(..., update_module_params=True)``, a value already in the store under
+            this name wins (a restored param store). Two flow objects under one name are refused
+            with an error: give each flow of a guide its own ``name``. Outside Pyro handlers and
+            inside ``torch.compile`` tracing nothing is registered.
         **layer_kwargs: passed to every layer (e.g. ``log_scale_min`` for IAF, ``inverse_tol`` for
             planar).
 
     Example:
-        >>> import torch
+        >>> import pyro, torch
         >>> flow = Flow(2, "planar", num_transforms=4)
         >>> d = flow()
         >>> z = d.rsample((100,))
         >>> d.log_prob(z).shape, d.log_prob(torch.zeros(2)).shape
         (torch.Size([100]), torch.Size([]))
+        >>> _ = pyro.poutine.trace(lambda: pyro.sample("z", flow())).get_trace()  # inside Pyro
+        >>> sorted(pyro.get_param_store().keys())[:2]  # the flow registered itself
+        ['flow$$$affine.raw', 'flow$$$layers.0.raw']
     """
 
     def __init__(
@@ -221,10 +237,12 @@ class Flow(nn.Module):
         hidden_dims: Sequence[int] | None = None,
         affine_first: bool | None = None,
         fused: bool = True,
+        name: str = "flow",
         **layer_kwargs,
     ) -> None:
         super().__init__()
         self.dim = _check_dim(dim)
+        self.name = _check_name(name)
         if transform not in _LAYERS:
             raise ValueError(f"transform must be one of {TRANSFORMS}, got {transform!r}")
         if (
@@ -326,6 +344,8 @@ class Flow(nn.Module):
 
     def forward(self, context: Tensor | None = None) -> FlowDistribution:
         check_context(context, self.context_dim, "Flow")
+        if am_i_wrapped() and not torch.compiler.is_compiling():
+            register_flow(self, _check_name(self.name))
         batch_shape = context.shape[:-1] if context is not None else torch.Size()
         p = self.affine.head.weight if self.context_dim else self.affine.raw
         return FlowDistribution(
@@ -335,6 +355,16 @@ class Flow(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"dim={self.dim}, transform={self.transform!r}, num_transforms={len(self.layers)}, "
+            f"name={self.name!r}, "
             f"context_dim={self.context_dim}, affine_first={self.affine_first}"
             + (", preconditioned" if self.precond_tril is not None else "")
         )
+
+
+def _check_name(name: str) -> str:
+    if not isinstance(name, str) or not name or "$$$" in name:
+        raise ValueError(
+            f"name must be a non-empty string without '$$$' (Pyro's module name divider), "
+            f"got {name!r}"
+        )
+    return name

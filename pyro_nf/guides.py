@@ -635,7 +635,8 @@ class AutoIAFFlow(AutoFlow):
     costs :math:`D` passes per layer. Consecutive layers reverse the variable order.
 
     Args:
-        hidden_dims: MADE hidden sizes; default ``(max(2 * D, 16),)``.
+        hidden_dims: MADE hidden sizes; default ``(min(max(2 * D, 16), 128),)`` (see
+            :class:`~pyro_nf.transforms.MADE` for why it is capped and how its steps scale).
         activation: the MADEs' hidden nonlinearity, ``"elu"`` (default), ``"gelu"``, ``"silu"``,
             ``"tanh"``, ``"relu"`` or a module class. On the 2-D toy densities a smooth one fits
             far better: K=4 with one hidden layer of 64 has KL 0.004 on the banana with
@@ -690,7 +691,8 @@ class AutoSplineFlow(AutoFlow):
     sample and score, :math:`D` passes per layer to score another value.
 
     Args:
-        hidden_dims: MADE hidden sizes; default ``(max(2 * D, 16),)``.
+        hidden_dims: MADE hidden sizes; default ``(min(max(2 * D, 16), 128),)`` (see
+            :class:`~pyro_nf.transforms.MADE` for why it is capped and how its steps scale).
         activation: the MADEs' hidden nonlinearity (see :class:`AutoIAFFlow`). On the toy
             densities U2-U4, ``hidden_dims=(64, 64)`` and 16 bins have KL 0.032, 0.113 and
             0.252 with ``activation="gelu"`` against 0.173, 0.343 and 0.424 with ELU

@@ -31,6 +31,28 @@ from .base import FlowModule, FlowTransform
 
 __all__ = ["AffineAutoregressive", "AutoregressiveTransform", "MADE"]
 
+#: a MADE unit with more unmasked inputs than this takes the steps of a unit with this many
+#: (see :class:`MADE`); the 2-D benchmarks' MADEs (64 units) are unaffected
+FAN_IN_REF = 64
+#: the widest default MADE hidden layer: the default is ``min(max(2 * D, 16), MAX_DEFAULT_WIDTH)``
+MAX_DEFAULT_WIDTH = 128
+
+
+def default_hidden_size(dim: int) -> int:
+    """The default MADE hidden size for ``dim`` variables: :math:`\\min(\\max(2D, 16), 128)`.
+
+    Twice the number of variables and at least 16, but at most 128: a MADE's parameters grow as
+    :math:`D \\times` width, so an uncapped ``2 D`` gives an IAF layer :math:`6 D^2` of them (150
+    million at :math:`D = 5000`, 300 million for ``AutoIAFFlow``'s two layers), while with the
+    cap it has about :math:`3 \\cdot 128\\, D`. Below :math:`D = 64` nothing changed.
+
+    Example:
+        >>> [default_hidden_size(d) for d in (1, 10, 64, 1000)]
+        [16, 20, 128, 128]
+    """
+    return min(max(2 * dim, 16), MAX_DEFAULT_WIDTH)
+
+
 #: the hidden nonlinearities a MADE takes by name
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "elu": nn.ELU,
@@ -60,12 +82,43 @@ def _activation(spec: str | Callable[[], nn.Module]) -> Callable[[], nn.Module]:
 
 
 class _MaskedLinear(nn.Linear):
-    def __init__(self, mask: Tensor) -> None:
+    """A linear map with a fixed 0/1 connectivity mask and, for rows with many inputs, a step scale.
+
+    Row :math:`k` computes :math:`y_k = c_k \\sum_j M_{kj} W_{kj} x_j + b_k` with
+    :math:`c_k = \\min(1, n_{\\text{ref}} / n_k)`, :math:`n_k` the row's number of unmasked inputs.
+    The weights are initialized divided by :math:`c_k`, so :math:`c_k W_{kj}` starts as
+    ``nn.Linear`` would start :math:`W_{kj}`: only the size of a training step changes. Adam moves
+    every weight by about ``lr`` per step, and with coherent signs that moves :math:`y_k` by up to
+    ``lr`` :math:`\\sum_j |x_j|`, which grows with :math:`n_k`; with the scale it grows no further
+    than in a layer of :math:`n_{\\text{ref}}` inputs. Rows with at most :math:`n_{\\text{ref}}`
+    inputs are plain masked linear rows (and a layer with no such wide row stores no scale).
+    """
+
+    def __init__(self, mask: Tensor, fan_in_ref: int | None = None) -> None:
         super().__init__(mask.shape[1], mask.shape[0])
         self.register_buffer("mask", mask.to(self.weight.dtype))
+        n = mask.sum(1, dtype=torch.float64)
+        scale = (fan_in_ref / n.clamp(min=1)).clamp(max=1) if fan_in_ref else torch.ones_like(n)
+        if bool((scale < 1).any()):
+            with torch.no_grad():
+                self.weight.div_(scale.to(self.weight.dtype)[:, None])
+            self.register_buffer("scale", scale.to(self.weight.dtype))
+        else:
+            self.register_buffer("scale", None)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight * self.mask, self.bias)
+        if self.scale is None:
+            return F.linear(x, self.weight * self.mask, self.bias)
+        return torch.addcmul(self.bias, F.linear(x, self.weight * self.mask), self.scale)
+
+
+def _hidden_degrees(dim: int, width: int) -> Tensor:
+    """MADE degrees of ``width`` hidden units: every degree ``1..dim-1`` in turn when there is room,
+    else ``width`` degrees spread evenly over ``1..dim-1`` (so that late coordinates condition on
+    recent ones, not only on the first ``width``)."""
+    if width >= dim - 1:
+        return torch.arange(width) % max(dim - 1, 1) + 1
+    return torch.linspace(1, dim - 1, width, dtype=torch.float64).round().long()
 
 
 class MADE(nn.Module):
@@ -74,6 +127,20 @@ class MADE(nn.Module):
     With the default ``num_params=2`` these are ``(m, a)``, the shift and log-scale of
     :class:`AffineAutoregressive`. Output ``i`` of every one depends only on inputs that come before
     ``i`` in ``order``. The output layer starts at zero, so a fresh network returns zeros.
+
+    Steps that do not grow with the width. Adam changes every weight by about ``lr`` per step, so
+    a unit with :math:`n` inputs :math:`x_j` can move by ``lr`` :math:`\\sum_j |x_j|` in one step
+    when the signs agree: by :math:`O(n \\cdot \\mathrm{lr})`. For the output layer that is the
+    log-scale of every coordinate; with the old default width :math:`2D` and ``lr=0.01`` it moved
+    by several units per step at :math:`D = 1000` and the fit diverged. So a unit with
+    :math:`n > n_{\\text{ref}}` (``fan_in_ref``) unmasked inputs computes
+    :math:`(n_{\\text{ref}} / n) \\sum_j W_j x_j + b`, with :math:`W` initialized
+    :math:`n / n_{\\text{ref}}` times larger: the same function at the start, steps no larger
+    than those of a unit with :math:`n_{\\text{ref}}` inputs (the step size a network of that
+    width is tuned for; a scaling like that of Yang et al. 2021's maximal-update
+    parametrization for Adam). Units with at most :math:`n_{\\text{ref}}` inputs are plain.
+    A hidden layer narrower than :math:`D - 1` gets degrees spread evenly over ``1..D-1``, so
+    that every coordinate conditions on some recent ones, not only on the first few.
 
     Args:
         dim: number of variables :math:`D`.
@@ -84,6 +151,9 @@ class MADE(nn.Module):
             one of the names ``"elu"`` (default), ``"gelu"``, ``"silu"``, ``"tanh"``, ``"relu"``.
         num_params: number of outputs per variable (2 for the affine layer; the spline layer
             uses ``3 * num_bins - 1``).
+        fan_in_ref: the number of inputs above which a unit's steps are scaled down (see
+            above); ``None`` for plain masked layers at any width (pyro_nf 0.1.0's MADE, with
+            which the VAE results in ``benchmarks/results``, 100-unit MADEs, were made).
 
     Example:
         >>> import torch
@@ -108,9 +178,14 @@ class MADE(nn.Module):
         context_dim: int = 0,
         activation: str | Callable[[], nn.Module] = nn.ELU,
         num_params: int = 2,
+        fan_in_ref: int | None = FAN_IN_REF,
     ) -> None:
         super().__init__()
         activation = _activation(activation)
+        if fan_in_ref is not None and (
+            isinstance(fan_in_ref, bool) or not isinstance(fan_in_ref, int) or fan_in_ref < 1
+        ):
+            raise ValueError(f"fan_in_ref must be None or a positive integer, got {fan_in_ref!r}")
         if isinstance(num_params, bool) or not isinstance(num_params, int) or num_params < 1:
             raise ValueError(f"num_params must be a positive integer, got {num_params!r}")
         self.num_params = num_params
@@ -124,12 +199,12 @@ class MADE(nn.Module):
         degrees = [deg_in]
         layers: list[nn.Module] = []
         for h in hidden_dims:
-            deg_h = torch.arange(int(h)) % max(dim - 1, 1) + 1
-            layers.append(_MaskedLinear(deg_h[:, None] >= degrees[-1][None, :]))
+            deg_h = _hidden_degrees(dim, int(h))
+            layers.append(_MaskedLinear(deg_h[:, None] >= degrees[-1][None, :], fan_in_ref))
             degrees.append(deg_h)
         self.hidden = nn.ModuleList(layers)
         deg_out = deg_in.repeat(num_params)
-        self.out = _MaskedLinear(deg_out[:, None] > degrees[-1][None, :])
+        self.out = _MaskedLinear(deg_out[:, None] > degrees[-1][None, :], fan_in_ref)
         with torch.no_grad():
             self.out.weight.zero_()
             self.out.bias.zero_()
@@ -226,15 +301,18 @@ def made_layout(
 ) -> tuple[tuple[int, ...], Tensor]:
     """Checked MADE hidden sizes and variable order of an autoregressive layer, with defaults.
 
-    ``hidden_dims`` defaults to ``(max(2 * dim, 16),)`` and ``order`` to ``range(dim)``; an int
-    for ``hidden_dims`` and an ``order`` that is not a permutation are refused.
+    ``hidden_dims`` defaults to ``(default_hidden_size(dim),)``, i.e. ``(min(max(2 * dim, 16),
+    128),)``, and ``order`` to ``range(dim)``; an int for ``hidden_dims`` and an ``order`` that is
+    not a permutation are refused.
     """
     if isinstance(hidden_dims, int):
         raise TypeError(
             f"hidden_dims must be a sequence of layer sizes, e.g. ({hidden_dims},) for one "
             f"hidden layer of {hidden_dims} units; got the int {hidden_dims}"
         )
-    hidden_dims = tuple(hidden_dims) if hidden_dims is not None else (max(2 * dim, 16),)
+    if hidden_dims is None:
+        hidden_dims = (default_hidden_size(dim),)
+    hidden_dims = tuple(hidden_dims)
     order = torch.arange(dim) if order is None else torch.as_tensor(order, dtype=torch.long)
     if order.shape != (dim,) or not torch.equal(order.sort().values, torch.arange(dim)):
         raise ValueError(f"order must be a permutation of range({dim}), got {order.tolist()}")
@@ -247,7 +325,7 @@ class AffineAutoregressive(FlowModule):
     Args:
         dim: number of variables :math:`D`.
         context_dim: size of the context fed into the first hidden layer; 0 for none.
-        hidden_dims: MADE hidden sizes; default ``(max(2 * dim, 16),)``.
+        hidden_dims: MADE hidden sizes; default ``(min(max(2 * dim, 16), 128),)``.
         order: permutation of ``range(dim)`` giving the autoregressive order; default
             ``range(dim)``. :class:`pyro_nf.Flow` reverses it on every other layer, so that in a
             stack of two or more layers every coordinate conditions on every other.
@@ -262,6 +340,8 @@ class AffineAutoregressive(FlowModule):
             at most :math:`1 / \\operatorname{sigmoid}(c)` (no exponential blow-up). Dividing by
             :math:`\\operatorname{sigmoid}(c)` keeps the fresh layer exactly the identity; the
             paper uses :math:`c` of 1 or 2. The log-scale bounds are then unused.
+        fan_in_ref: MADE units with more inputs than this take the steps of a unit with this
+            many (see :class:`MADE`); ``None`` for plain masked layers at any width.
 
     Example:
         >>> import torch
@@ -282,11 +362,12 @@ class AffineAutoregressive(FlowModule):
         log_scale_max: float = 3.0,
         activation: str | Callable[[], nn.Module] = nn.ELU,
         gate_bias: float | None = None,
+        fan_in_ref: int | None = FAN_IN_REF,
     ) -> None:
         super().__init__(dim, context_dim)
         hidden_dims, order = made_layout(dim, hidden_dims, order)
         self.register_buffer("order", order)
-        self.made = MADE(dim, hidden_dims, order, context_dim, activation)
+        self.made = MADE(dim, hidden_dims, order, context_dim, activation, fan_in_ref=fan_in_ref)
         # validates the bounds once, at construction
         AutoregressiveTransform(self.made, log_scale_min, log_scale_max, gate_bias)
         self.log_scale_min = float(log_scale_min)

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .autoregressive import MADE, made_layout
+from .autoregressive import FAN_IN_REF, MADE, made_layout
 from .base import FlowModule, FlowTransform
 
 __all__ = ["SplineAutoregressive", "SplineAutoregressiveTransform", "rational_quadratic_spline"]
@@ -240,7 +240,7 @@ class SplineAutoregressive(FlowModule):
     Args:
         dim: number of variables :math:`D`.
         context_dim: size of a context fed into the MADE's first hidden layer; 0 for none.
-        hidden_dims: MADE hidden sizes; default ``(max(2 * dim, 16),)``.
+        hidden_dims: MADE hidden sizes; default ``(min(max(2 * dim, 16), 128),)``.
         order: permutation of ``range(dim)``, the autoregressive order (see
             :class:`AffineAutoregressive`).
         num_bins: number of spline bins :math:`K` (the MADE outputs :math:`3K - 1` numbers per
@@ -249,6 +249,8 @@ class SplineAutoregressive(FlowModule):
         activation: hidden nonlinearity of the MADE, a module class or a name (see
             :class:`~pyro_nf.transforms.MADE`); default :class:`torch.nn.ELU`.
         min_bin_width, min_bin_height, min_derivative: see :func:`rational_quadratic_spline`.
+        fan_in_ref: MADE units with more inputs than this take the steps of a unit with this
+            many (see :class:`~pyro_nf.transforms.MADE`); ``None`` for plain masked layers.
 
     Example:
         >>> import torch
@@ -271,6 +273,7 @@ class SplineAutoregressive(FlowModule):
         min_bin_width: float = 1e-3,
         min_bin_height: float = 1e-3,
         min_derivative: float = 1e-3,
+        fan_in_ref: int | None = FAN_IN_REF,
     ) -> None:
         super().__init__(dim, context_dim)
         hidden_dims, order = made_layout(dim, hidden_dims, order)
@@ -280,8 +283,9 @@ class SplineAutoregressive(FlowModule):
         self.register_buffer("order", order)
         self.num_bins = num_bins
         self.made = MADE(
-            dim, hidden_dims, order, context_dim, activation, num_params=3 * num_bins - 1
-        )
+            dim, hidden_dims, order, context_dim, activation, num_params=3 * num_bins - 1,
+            fan_in_ref=fan_in_ref,
+        )  # fmt: skip
         self.bound = float(bound)
         self.mins = dict(
             min_bin_width=float(min_bin_width), min_bin_height=float(min_bin_height),
