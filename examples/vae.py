@@ -254,7 +254,9 @@ def make_posterior(name: str) -> nn.Module:
     kwargs = {}
     if transform == "iaf":
         gate = GATED_BIAS if name.endswith("-gated") else IAF_GATE_BIAS
-        kwargs = dict(hidden_dims=IAF_HIDDEN, log_scale_min=IAF_LOG_SCALE[0], log_scale_max=IAF_LOG_SCALE[1], gate_bias=gate)  # fmt: skip
+        # fan_in_ref=None: the plain MADE of the published runs (benchmarks/results/vae*.md);
+        # the library's default now scales the steps of units with more than 64 inputs
+        kwargs = dict(hidden_dims=IAF_HIDDEN, log_scale_min=IAF_LOG_SCALE[0], log_scale_max=IAF_LOG_SCALE[1], gate_bias=gate, fan_in_ref=None)  # fmt: skip
     return pyro_nf.Flow(
         LATENT_DIM, transform, k, context_dim=HIDDEN, affine_first=affine_first, **kwargs
     )
