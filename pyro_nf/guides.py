@@ -143,7 +143,11 @@ class AutoFlow(AutoContinuous):
         noncentered: bool = False,
         **flow_kwargs,
     ) -> None:
-        if not isinstance(init_scale, (int, float)) or not 0 < init_scale < float("inf"):
+        if (
+            isinstance(init_scale, bool)
+            or not isinstance(init_scale, (int, float))
+            or not 0 < init_scale < float("inf")
+        ):
             raise ValueError(f"init_scale must be a positive finite number, got {init_scale!r}")
         if precondition not in (None, "laplace"):
             raise ValueError(f"precondition must be None or 'laplace', got {precondition!r}")
