@@ -38,6 +38,7 @@ from .transforms.base import ChainTransform, FlowModule, FlowTransform, _check_d
 
 __all__ = ["Flow", "FlowDistribution", "TRANSFORMS"]
 
+
 _HALF_LOG_2PI = 0.9189385332046727
 
 
@@ -127,10 +128,35 @@ class FlowDistribution(TorchDistribution):
         if memo is not None and value is memo[0] and value._version == memo[1]:
             return memo[2]
         if self._validate_args:
-            self._validate_sample(value)
+            if value.numel() == 0:  # torch's support check cannot reshape an empty batch
+                _check_empty_value(value, self.batch_shape, self.event_shape)
+            else:
+                self._validate_sample(value)
+        if value.numel() == 0:
+            shape = torch.broadcast_shapes(value.shape[:-1], self.batch_shape)
+            return torch.zeros(shape, dtype=value.dtype, device=value.device)
         x, ladj = ChainTransform(self.transforms).inverse_and_ladj(value)
         log_q = self._base_log_prob(x) - ladj
         return log_q.expand(torch.broadcast_shapes(value.shape[:-1], self.batch_shape))
+
+
+def _check_empty_value(value: Tensor, batch_shape: torch.Size, event_shape: torch.Size) -> None:
+    """The shape checks of ``Distribution._validate_sample`` for a value with no elements."""
+    if not torch.is_tensor(value):
+        raise ValueError(f"the value to score must be a torch.Tensor, got {type(value).__name__}")
+    n = len(event_shape)
+    if value.shape[value.dim() - n :] != event_shape:
+        raise ValueError(
+            f"the value to score has shape {tuple(value.shape)}; its rightmost dimensions must "
+            f"be the event shape {tuple(event_shape)}"
+        )
+    try:
+        torch.broadcast_shapes(value.shape[: value.dim() - n], batch_shape)
+    except RuntimeError:
+        raise ValueError(
+            f"the value to score has shape {tuple(value.shape)}, which does not broadcast "
+            f"with the batch shape {tuple(batch_shape)}"
+        ) from None
 
 
 _LAYERS = {

@@ -282,3 +282,17 @@ def test_whole_flow_log_det_matches_jacobian(transform, context_dim, affine_firs
         base = dist.Normal(torch.zeros(3, dtype=torch.float64), 1.0).to_event(1).log_prob(eps)
         expected = base - torch.linalg.slogdet(jac)[1]
         assert torch.allclose(d.log_prob(z.detach()), expected, atol=1e-8)
+
+
+@pytest.mark.parametrize("transform", FAMILIES)
+def test_empty_context_batch_samples_and_scores_to_empty_results(transform):
+    flow = perturbed_flow(transform, dim=2, context_dim=3)
+    d = flow(torch.zeros(0, 3, dtype=torch.float64))
+    z = d.rsample()
+    assert z.shape == (0, 2)
+    assert d.log_prob(z).shape == (0,)
+    lp = d.log_prob(torch.zeros(0, 2, dtype=torch.float64))  # a value it did not sample
+    assert lp.shape == (0,) and lp.dtype == torch.float64
+    assert flow(torch.zeros(4, 0, 3, dtype=torch.float64)).log_prob(torch.zeros(2)).shape == (4, 0)
+    with pytest.raises(ValueError, match="event shape"):
+        d.log_prob(torch.zeros(0, 3, dtype=torch.float64))
