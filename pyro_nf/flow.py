@@ -38,6 +38,8 @@ from .transforms.base import ChainTransform, FlowModule, FlowTransform, _check_d
 
 __all__ = ["Flow", "FlowDistribution", "TRANSFORMS"]
 
+#: format tag of the record a Flow puts in its state dict
+_FLOW_RECORD = "pyro_nf.Flow/1"
 
 _HALF_LOG_2PI = 0.9189385332046727
 
@@ -138,6 +140,59 @@ class FlowDistribution(TorchDistribution):
         x, ladj = ChainTransform(self.transforms).inverse_and_ladj(value)
         log_q = self._base_log_prob(x) - ladj
         return log_q.expand(torch.broadcast_shapes(value.shape[:-1], self.batch_shape))
+
+
+def _layer_options(layer: nn.Module) -> dict:
+    """The options of a flow layer that change its map for given parameters, as plain values."""
+    options = {}
+    for attr in ("log_scale_min", "log_scale_max", "gate_bias", "num_bins", "bound"):
+        if hasattr(layer, attr):
+            options[attr] = getattr(layer, attr)
+    mins = getattr(layer, "mins", None)
+    if isinstance(mins, dict):
+        options.update(mins)
+    made = getattr(layer, "made", None)
+    if made is not None:
+        options["hidden_dims"] = [int(h.out_features) for h in made.hidden]
+        options["activation"] = repr(made.activation)
+    return options
+
+
+def load_state_dict_atomically(module: nn.Module, load, state_dict, strict: bool, assign: bool):
+    """``load(state_dict, strict=strict, assign=assign)``, undone if it raises.
+
+    torch's ``load_state_dict`` copies every tensor it can before it reports missing, unexpected
+    or mis-shaped entries, and a record check in ``set_extra_state`` can fail after other
+    modules were loaded; this keeps a copy of every parameter and buffer (and of which tensor
+    object each slot held, for ``assign=True``) and puts them back on any error. Under
+    ``strict=True`` a state dict without the ``_extra_state`` records the module writes is
+    refused up front, before anything is copied.
+    """
+    if strict and hasattr(state_dict, "keys"):
+        expected = [k for k in module.state_dict(keep_vars=True) if k.endswith("_extra_state")]
+        missing = [k for k in expected if k not in state_dict]
+        if missing:
+            raise RuntimeError(
+                f"{type(module).__name__}.load_state_dict: the state dict has no record of the "
+                f"flow (or guide) it was saved from (missing {missing}); it was probably saved "
+                "by a pyro_nf version that did not write one, so nothing can check that it fits. "
+                "Pass strict=False to load it unchecked."
+            )
+    saved = [
+        (slots, key, t, None if t is None else t.detach().clone())
+        for mod in module.modules()
+        for slots in (mod._parameters, mod._buffers)
+        for key, t in slots.items()
+    ]
+    try:
+        return load(state_dict, strict=strict, assign=assign)
+    except BaseException:
+        with torch.no_grad():
+            for slots, key, t, value in saved:
+                slots[key] = t
+                if t is not None:
+                    t.copy_(value)
+        raise
 
 
 def _check_empty_value(value: Tensor, batch_shape: torch.Size, event_shape: torch.Size) -> None:
@@ -336,3 +391,58 @@ class Flow(nn.Module):
             f"context_dim={self.context_dim}, affine_first={self.affine_first}"
             + (", preconditioned" if self.precond_tril is not None else "")
         )
+
+    # -- state dict -----------------------------------------------------------------------
+    def get_extra_state(self) -> dict:
+        """The record this flow puts in its state dict (key ``_extra_state``): what its
+        parameters mean.
+
+        The family, ``dim``, ``num_transforms``, ``context_dim``, ``affine_first`` and the
+        layers' options that change the map for given parameters (MADE hidden sizes and
+        activation, log-scale bounds, gate bias, spline bins, bound and minimal widths). Not
+        recorded: ``fused`` and ``inverse_tol`` (the same map either way) and the dtype (loading
+        casts). Plain Python values, so the state dict still loads with
+        ``torch.load(weights_only=True)``.
+        """
+        record = {
+            "format": _FLOW_RECORD,
+            "transform": self.transform,
+            "dim": self.dim,
+            "num_transforms": len(self.layers),
+            "context_dim": self.context_dim,
+            "affine_first": self.affine_first,
+        }
+        if len(self.layers):
+            record.update(_layer_options(self.layers[0]))
+        return record
+
+    def set_extra_state(self, state) -> None:
+        mine = self.get_extra_state()
+        if not isinstance(state, dict) or state.get("format") != _FLOW_RECORD:
+            raise RuntimeError(
+                "Flow.load_state_dict: the state dict's '_extra_state' is not a pyro_nf.Flow "
+                f"record (got {state!r})"
+            )
+        diffs = [
+            f"{key}={state.get(key)!r} (this flow: {mine.get(key)!r})"
+            for key in sorted(set(state) | set(mine))
+            if state.get(key) != mine.get(key)
+        ]
+        if diffs:
+            raise RuntimeError(
+                "Flow.load_state_dict: the state dict was saved from another kind of flow: "
+                + ", ".join(diffs)
+                + "; build the flow (or guide) with the same arguments to load it"
+            )
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Load a state dict saved by :meth:`state_dict`, all or nothing.
+
+        The state dict records the flow it came from (:meth:`get_extra_state`); a different
+        family or options (e.g. a radial flow's parameters into a planar flow whose tensors
+        happen to have the same shapes) raise a ``RuntimeError`` naming each difference. If
+        loading fails for any reason, every parameter and buffer keeps its value from before
+        the call. A state dict without the record (saved before pyro_nf wrote it) is refused
+        under ``strict=True`` and loaded unchecked with ``strict=False``.
+        """
+        return load_state_dict_atomically(self, super().load_state_dict, state_dict, strict, assign)

@@ -100,7 +100,10 @@ def test_affine_first_puts_the_affine_layer_before_the_flow_layers(transform):
     last, first = (
         perturbed_flow(transform, dim=2, context_dim=3, affine_first=a) for a in (False, True)
     )
-    first.load_state_dict(last.state_dict())  # the same parameters
+    # the same parameters; the state dict records affine_first, so drop that record to load
+    # across orders deliberately
+    state = {k: v for k, v in last.state_dict().items() if k != "_extra_state"}
+    first.load_state_dict(state, strict=False)
     h = torch.randn(4, 3, dtype=torch.float64)
     t_last, t_first = last(h).transforms, first(h).transforms
     assert isinstance(t_last[-1], AffineTransform) and isinstance(t_first[0], AffineTransform)
@@ -296,3 +299,38 @@ def test_empty_context_batch_samples_and_scores_to_empty_results(transform):
     assert flow(torch.zeros(4, 0, 3, dtype=torch.float64)).log_prob(torch.zeros(2)).shape == (4, 0)
     with pytest.raises(ValueError, match="event shape"):
         d.log_prob(torch.zeros(0, 3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        dict(transform="radial"),  # 1-D planar and radial layers have the same raw shape
+        dict(transform="planar", affine_first=True),  # same tensors, another distribution
+    ],
+    ids=["family", "affine_first"],
+)
+def test_state_dict_of_another_kind_of_flow_is_refused(other):
+    target = Flow(1, "planar", 2)
+    before = {k: v.clone() for k, v in target.state_dict().items() if torch.is_tensor(v)}
+    source = Flow(1, num_transforms=2, **other)
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(1.0)
+    with pytest.raises(RuntimeError, match="another kind of flow"):
+        target.load_state_dict(source.state_dict())
+    after = target.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+@pytest.mark.parametrize("transform", FAMILIES)
+def test_failed_flow_load_state_dict_changes_nothing(transform):
+    source = perturbed_flow(transform, num_transforms=2)
+    target = Flow(2, transform, 2).double()
+    before = {k: v.clone() for k, v in target.state_dict().items() if torch.is_tensor(v)}
+    state = source.state_dict()
+    last = [k for k, v in state.items() if torch.is_tensor(v)][-1]
+    state[last] = torch.zeros(3, 3, dtype=torch.float64)  # a shape that fits nowhere
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        target.load_state_dict(state)
+    after = target.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
