@@ -1,0 +1,185 @@
+"""What a flow guide owns and reports: its names in Pyro's param store, its state dict, its median
+and quantiles, and its behaviour when frozen.
+
+* Parameters are tied to the model's sites (and the flow's architecture): guides of different
+  models never share them, while a new guide built the same way on the same model finds them in a
+  restored param store, as ``AutoNormal``'s do.
+* A frozen guide (``requires_grad_(False)``) samples and scores without a warning.
+"""
+
+import re
+import warnings
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro import poutine
+from pyro.infer import SVI, Predictive, Trace_ELBO
+from pyro.optim import Adam
+
+from pyro_nf import AutoIAFFlow, AutoPlanarFlow, AutoRadialFlow, AutoSplineFlow
+
+GUIDES = [AutoPlanarFlow, AutoRadialFlow, AutoIAFFlow, AutoSplineFlow]
+SMALL = {
+    AutoPlanarFlow: dict(num_transforms=2),
+    AutoRadialFlow: dict(num_transforms=2),
+    AutoIAFFlow: dict(num_transforms=2, hidden_dims=(8,)),
+    AutoSplineFlow: dict(num_transforms=2, hidden_dims=(8,), num_bins=4),
+}
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[
+            pytest.mark.cuda,
+            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+        ],
+    ),
+]
+parametrize_guides = pytest.mark.parametrize("cls", GUIDES, ids=lambda c: c.__name__)
+
+
+def make(cls, model, **kwargs):
+    return cls(model, **{**SMALL[cls], **kwargs})
+
+
+def model_ab(y=None):
+    y = torch.tensor(3.0) if y is None else y
+    a = pyro.sample("a", dist.Normal(y.new_zeros(()), 1.0))
+    b = pyro.sample("b", dist.LogNormal(y.new_zeros(()), 1.0))
+    pyro.sample("obs", dist.Normal(a + b, 0.5), obs=y)
+
+
+def model_c(y=None):
+    """Another model with the same latent size as model_ab."""
+    y = torch.tensor([-3.0, 1.0]) if y is None else y
+    c = pyro.sample("c", dist.Normal(y.new_zeros(2), 1.0).to_event(1))
+    pyro.sample("obs", dist.Normal(c, 0.5).to_event(1), obs=y)
+
+
+def train(guide, model, steps=30, lr=0.05):
+    svi = SVI(model, guide, Adam({"lr": lr}), Trace_ELBO())
+    for _ in range(steps):
+        svi.step()
+    return guide
+
+
+def perturb(guide):
+    """Move every parameter away from the identity start (so that different values show)."""
+    with torch.no_grad():
+        for p in guide.parameters():
+            p.add_(0.1 * torch.randn(p.shape, dtype=p.dtype, device=p.device))
+    return guide
+
+
+def flow_params_in_store(guide):
+    """The param-store names under which the store holds this guide's own tensors."""
+    mine = {id(p) for p in guide.parameters()}
+    return {name for name, p in pyro.get_param_store().named_parameters() if id(p) in mine}
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters belong to the model's sites (#17, item 1).
+# ---------------------------------------------------------------------------------------------
+@parametrize_guides
+def test_guides_of_different_models_do_not_share_parameters(cls):
+    first = train(make(cls, model_ab), model_ab)
+    z = torch.randn(16, 2)
+    with torch.no_grad():
+        log_q = first.get_posterior().log_prob(z)
+    values = {n: p.detach().clone() for n, p in first.named_parameters()}
+    names_first = flow_params_in_store(first)
+
+    second = make(cls, model_c)  # same latent size, same class, no clear_param_store
+    train(second, model_c)
+
+    assert second.latent_dim == first.latent_dim == 2
+    names_second = flow_params_in_store(second) - names_first
+    assert names_second and not (names_second & names_first)
+    assert not {id(p) for p in first.parameters()} & {id(p) for p in second.parameters()}
+    for n, p in first.named_parameters():
+        assert torch.equal(p.detach(), values[n]), n
+    with torch.no_grad():
+        assert torch.equal(first.get_posterior().log_prob(z), log_q)
+    # a Pyro step of the first guide still trains its own tensors
+    train(first, model_ab, steps=1)
+    in_store = {id(p) for _, p in pyro.get_param_store().named_parameters()}
+    assert all(id(p) in in_store for p in first.parameters())
+
+
+@parametrize_guides
+def test_guides_of_one_model_with_different_flows_do_not_share_parameters(cls):
+    small = make(cls, model_ab, num_transforms=1)
+    train(small, model_ab, steps=2)
+    large = make(cls, model_ab, num_transforms=3)
+    train(large, model_ab, steps=2)  # no shape clash, no error, no shared tensors
+    assert not {id(p) for p in small.parameters()} & {id(p) for p in large.parameters()}
+    assert flow_params_in_store(small).isdisjoint(flow_params_in_store(large))
+
+
+def test_flows_with_the_same_shapes_but_another_meaning_do_not_share_parameters():
+    elu = make(AutoIAFFlow, model_ab)
+    train(elu, model_ab, steps=2)
+    gelu = make(AutoIAFFlow, model_ab, activation="gelu")  # same tensor shapes
+    train(gelu, model_ab, steps=2)
+    assert flow_params_in_store(elu).isdisjoint(flow_params_in_store(gelu))
+
+
+@parametrize_guides
+def test_a_new_guide_built_the_same_way_finds_its_parameters_in_the_param_store(cls, tmp_path):
+    guide = perturb(make(cls, model_ab).setup())
+    guide()  # registers the (perturbed) tensors in the store
+    z = torch.randn(8, 2)
+    with torch.no_grad():
+        expected = guide.get_posterior().log_prob(z)
+    pyro.get_param_store().save(tmp_path / "params.pt")
+    pyro.clear_param_store()
+    pyro.get_param_store().load(tmp_path / "params.pt")
+    fresh = make(cls, model_ab)
+    fresh()  # inside Pyro's machinery the stored values win
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.get_posterior().log_prob(z), expected)
+
+
+def test_param_store_names_carry_the_sites_and_abbreviate_long_lists():
+    guide = make(AutoPlanarFlow, model_ab)
+    guide()
+    names = flow_params_in_store(guide)
+    assert names and all(
+        re.match(r"AutoPlanarFlow\.flow\[a,b\|[0-9a-f]{8}\]\$\$\$", n) for n in names
+    )
+    again = make(AutoPlanarFlow, model_ab)
+    again()
+    assert flow_params_in_store(again) == names  # deterministic: the same name for the same guide
+
+    def many(n=60):
+        for i in range(n):
+            pyro.sample(f"site_with_a_long_name_{i}", dist.Normal(0.0, 1.0))
+
+    pyro.clear_param_store()
+    long = make(AutoPlanarFlow, many)
+    long()
+    (prefix,) = {n.split("$$$")[0] for n in flow_params_in_store(long)}
+    assert len(prefix) < 100 and re.search(r",\+\d+\|[0-9a-f]{8}\]$", prefix), prefix
+
+
+# ---------------------------------------------------------------------------------------------
+# A frozen guide is quiet (#17, item 9).
+# ---------------------------------------------------------------------------------------------
+@parametrize_guides
+def test_frozen_guide_samples_and_scores_without_warnings(cls):
+    guide = train(make(cls, model_ab), model_ab, steps=3)
+    guide.requires_grad_(False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trace = poutine.trace(guide).get_trace()
+        samples = Predictive(model_ab, guide=guide, num_samples=12)()
+        with torch.no_grad():
+            log_q = guide.get_posterior().log_prob(torch.zeros(2))
+    assert [str(w.message) for w in caught] == []
+    assert torch.isfinite(trace.log_prob_sum())
+    assert samples["a"].shape == (12,) and (samples["b"] > 0).all()
+    assert torch.isfinite(log_q)
+    # frozen tensors stay out of the optimizer's reach
+    assert all(not p.requires_grad for p in guide.parameters())
