@@ -33,7 +33,7 @@ from torch import Tensor
 from torch.distributions import biject_to
 
 from ._noncentering import NonCenteringTransform, hierarchical_normal_sites
-from .flow import Flow, FlowDistribution
+from .flow import Flow, FlowDistribution, load_state_dict_atomically
 from .transforms.base import ChainTransform, FlowTransform, inverse_softplus
 
 __all__ = [
@@ -80,6 +80,8 @@ def _holds(store, keys: list[tuple[str, Tensor]]) -> bool:
     return params is not None and all(params.get(key) is p for key, p in keys)
 
 
+#: format tag of the record a flow guide puts in its state dict
+_GUIDE_RECORD = "pyro_nf.AutoFlow/1"
 #: site names longer than this (joined) are abbreviated in the param-store names
 _READABLE_SITES = 40
 
@@ -489,6 +491,66 @@ class AutoFlow(AutoContinuous):
         prefix = self._pyro_get_fullname(f"flow[{readable.replace('$', '_')}|{digest}]")
         self.__dict__["_flow_prefix_cache"] = (trace, self._pyro_name, prefix)
         return prefix
+
+    # -- state dict -----------------------------------------------------------------------
+    def get_extra_state(self) -> dict:
+        """The record this guide puts in its state dict: the model's latent sites with their
+        unconstrained shapes, and the non-centred sites (``noncentered=True``).
+
+        :meth:`load_state_dict` refuses a state dict whose record differs (a guide of another
+        model, or of the same model with other sites non-centred), naming what differs.
+        """
+        if self.prototype_trace is None:
+            return {"format": _GUIDE_RECORD, "sites": None, "noncentered": None}
+        return {
+            "format": _GUIDE_RECORD,
+            "sites": [[n, [int(d) for d in s]] for n, s in self._unconstrained_shapes.items()],
+            "noncentered": sorted(self.noncentering.sites) if self.noncentering is not None else [],
+        }
+
+    def set_extra_state(self, state) -> None:
+        name = type(self).__name__
+        mine = self.get_extra_state()
+        if not isinstance(state, dict) or state.get("format") != _GUIDE_RECORD:
+            raise RuntimeError(
+                f"{name}.load_state_dict: the state dict's '_extra_state' is not a pyro_nf flow "
+                f"guide's record (got {state!r}); it was not saved from a pyro_nf flow guide"
+            )
+
+        def describe(sites):
+            return ", ".join(f"{n} {tuple(s)}" for n, s in sites) if sites else "none"
+
+        if state.get("sites") != mine["sites"]:
+            raise RuntimeError(
+                f"{name}.load_state_dict: the state dict was saved from a guide of other latent "
+                f"sites: {describe(state.get('sites'))} (unconstrained shapes) there, "
+                f"{describe(mine['sites'])} here; a flow guide's parameters fit only the model "
+                "they were fitted to"
+            )
+        if state.get("noncentered") != mine["noncentered"]:
+            raise RuntimeError(
+                f"{name}.load_state_dict: the state dict was saved from a guide that non-centres "
+                f"the sites {state.get('noncentered')}, this guide non-centres "
+                f"{mine['noncentered']}: the flow works in other coordinates; build the guide "
+                "with the same noncentered= option"
+            )
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Load a state dict saved by :meth:`state_dict`, all or nothing.
+
+        Needs the parameters, so :meth:`setup` (or a call of the guide) first. The state dict
+        must come from a guide of the same model (latent sites and shapes) with the same flow
+        (family, layers and their options, see :meth:`pyro_nf.Flow.load_state_dict`): a
+        mismatch raises a ``RuntimeError`` that says what differs. If loading fails for any
+        reason, every parameter and buffer keeps its value from before the call.
+
+        State dicts saved before pyro_nf recorded the model and flow (no ``_extra_state``
+        entries) are refused under ``strict=True``, since nothing could check them;
+        ``strict=False`` loads them unchecked (and, as in torch, ignores missing or unexpected
+        keys).
+        """
+        self._require_setup()
+        return load_state_dict_atomically(self, super().load_state_dict, state_dict, strict, assign)
 
     def get_base_dist(self) -> dist.Distribution:
         """The flow's base distribution, :math:`\\mathcal N(0, I_D)` over the latent vector.

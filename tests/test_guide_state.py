@@ -4,6 +4,7 @@ and quantiles, and its behaviour when frozen.
 * Parameters are tied to the model's sites (and the flow's architecture): guides of different
   models never share them, while a new guide built the same way on the same model finds them in a
   restored param store, as ``AutoNormal``'s do.
+* ``load_state_dict`` is all or nothing and refuses a state dict of another flow or model.
 * A frozen guide (``requires_grad_(False)``) samples and scores without a warning.
 """
 
@@ -18,7 +19,7 @@ from pyro import poutine
 from pyro.infer import SVI, Predictive, Trace_ELBO
 from pyro.optim import Adam
 
-from pyro_nf import AutoIAFFlow, AutoPlanarFlow, AutoRadialFlow, AutoSplineFlow
+from pyro_nf import AutoIAFFlow, AutoPlanarFlow, AutoRadialFlow, AutoSplineFlow, Flow
 
 GUIDES = [AutoPlanarFlow, AutoRadialFlow, AutoIAFFlow, AutoSplineFlow]
 SMALL = {
@@ -162,6 +163,96 @@ def test_param_store_names_carry_the_sites_and_abbreviate_long_lists():
     long()
     (prefix,) = {n.split("$$$")[0] for n in flow_params_in_store(long)}
     assert len(prefix) < 100 and re.search(r",\+\d+\|[0-9a-f]{8}\]$", prefix), prefix
+
+
+# ---------------------------------------------------------------------------------------------
+# load_state_dict is all or nothing, and checks what it loads (#17, item 7).
+# ---------------------------------------------------------------------------------------------
+def _snapshot(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items() if torch.is_tensor(v)}
+
+
+def _unchanged(module, snapshot):
+    now = _snapshot(module)
+    return now.keys() == snapshot.keys() and all(torch.equal(now[k], snapshot[k]) for k in now)
+
+
+@parametrize_guides
+def test_failed_load_state_dict_leaves_the_guide_as_it_was(cls):
+    source = perturb(make(cls, model_ab).setup())
+    target = make(cls, model_ab).setup()
+    before = _snapshot(target)
+    good = source.state_dict()
+    last = [k for k, v in good.items() if torch.is_tensor(v)][-1]
+
+    wrong_shape = dict(good)
+    wrong_shape[last] = torch.zeros(wrong_shape[last].numel() + 1)
+    missing = {k: v for k, v in good.items() if k != last}
+    unexpected = {**good, "flow.extra_parameter": torch.zeros(1)}
+    for bad in (wrong_shape, missing, unexpected):
+        with pytest.raises(RuntimeError):
+            target.load_state_dict(bad)
+        assert _unchanged(target, before)
+    target.load_state_dict(good)  # and a good one loads
+    assert not _unchanged(target, before)
+
+
+def test_state_dict_of_another_flow_family_is_refused_even_when_the_shapes_match():
+    def one():
+        pyro.sample("x", dist.Normal(0.0, 1.0))
+
+    radial = perturb(AutoRadialFlow(one, num_transforms=2).setup())
+    planar = AutoPlanarFlow(one, num_transforms=2).setup()
+    shapes = {k: tuple(v.shape) for k, v in planar.state_dict().items() if torch.is_tensor(v)}
+    assert shapes == {
+        k: tuple(v.shape) for k, v in radial.state_dict().items() if torch.is_tensor(v)
+    }
+    before = _snapshot(planar)
+    with pytest.raises(RuntimeError, match="transform='radial' \\(this flow: 'planar'\\)"):
+        planar.load_state_dict(radial.state_dict())
+    assert _unchanged(planar, before)
+    # the bare flows too
+    with pytest.raises(RuntimeError, match="transform='radial'"):
+        Flow(1, "planar", 2).load_state_dict(Flow(1, "radial", 2).state_dict())
+
+
+def test_state_dict_of_a_guide_of_another_model_is_refused():
+    source = perturb(make(AutoPlanarFlow, model_c).setup())
+    target = make(AutoPlanarFlow, model_ab).setup()
+    before = _snapshot(target)
+    with pytest.raises(RuntimeError, match=r"other latent sites: c \(2,\).*here.*a \(\), b \(\)"):
+        target.load_state_dict(source.state_dict())
+    assert _unchanged(target, before)
+
+
+def test_state_dict_of_other_flow_options_is_refused():
+    source = make(AutoIAFFlow, model_ab, activation="gelu").setup()
+    target = make(AutoIAFFlow, model_ab).setup()
+    with pytest.raises(RuntimeError, match="activation=.GELU.*this flow: .ELU"):
+        target.load_state_dict(source.state_dict())
+
+
+@parametrize_guides
+def test_state_dict_without_a_record_loads_only_with_strict_false(cls):
+    source = perturb(make(cls, model_ab).setup())
+    old_style = {k: v for k, v in source.state_dict().items() if not k.endswith("_extra_state")}
+    target = make(cls, model_ab).setup()
+    before = _snapshot(target)
+    with pytest.raises(RuntimeError, match="strict=False"):
+        target.load_state_dict(old_style)
+    assert _unchanged(target, before)
+    target.load_state_dict(old_style, strict=False)
+    after = _snapshot(target)
+    assert all(torch.equal(after[k], v) for k, v in old_style.items())
+
+
+@parametrize_guides
+def test_state_dict_with_its_record_loads_with_weights_only(cls, tmp_path):
+    source = perturb(make(cls, model_ab).setup())
+    torch.save(source.state_dict(), tmp_path / "guide.pt")
+    target = make(cls, model_ab).setup()
+    target.load_state_dict(torch.load(tmp_path / "guide.pt", weights_only=True))
+    assert _unchanged(target, _snapshot(source))
 
 
 # ---------------------------------------------------------------------------------------------
