@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -80,6 +81,8 @@ def _holds(store, keys: list[tuple[str, Tensor]]) -> bool:
     return params is not None and all(params.get(key) is p for key, p in keys)
 
 
+#: seed of the fixed base draws behind ``median()`` and ``quantiles()`` (any fixed number)
+_QUANTILE_SEED = 20240917
 #: format tag of the record a flow guide puts in its state dict
 _GUIDE_RECORD = "pyro_nf.AutoFlow/1"
 #: site names longer than this (joined) are abbreviated in the param-store names
@@ -586,12 +589,33 @@ class AutoFlow(AutoContinuous):
         self._require_setup()
         return ChainTransform(self._synced_flow().transforms())
 
+    def _base_draws(self, num_samples: int) -> Tensor:
+        """``num_samples`` fixed draws of the base :math:`\\mathcal N(0, I_D)`, shape ``(n, D)``.
+
+        Every coordinate takes each value of the grid :math:`\\Phi^{-1}((k + 1/2) / n)`,
+        :math:`k = 0, \\dots, n - 1`, exactly once, in an order drawn independently per
+        coordinate (a Latin hypercube): the marginals are stratified, which makes the
+        coordinatewise quantiles of the pushed draws far less noisy than plain Monte Carlo. The
+        order comes from a private generator with a fixed seed on the flow's device, so the draws
+        are the same at every call and the global random state is not touched.
+        """
+        raw = self._modules["flow"].affine.raw
+        dtype, device = raw.dtype, raw.device
+        gen = torch.Generator(device=device)
+        gen.manual_seed(_QUANTILE_SEED)
+        grid = torch.special.ndtri(
+            (torch.arange(num_samples, dtype=dtype, device=device) + 0.5) / num_samples
+        )
+        keys = torch.rand(self.latent_dim, num_samples, generator=gen, dtype=dtype, device=device)
+        return grid[keys.argsort(-1)].T
+
     def _unconstrained_draws(self, num_samples: int) -> Tensor:
+        """The flow's pushforward of :meth:`_base_draws`: fixed draws of the latent vector."""
         self._require_setup()
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 2:
             raise ValueError(f"num_samples must be an integer >= 2, got {num_samples!r}")
         with torch.no_grad():
-            return self.flow().sample((num_samples,))
+            return self._modules["flow"]().push_and_log_prob(self._base_draws(num_samples))[0]
 
     def _constrain(self, latent: Tensor) -> dict[str, Tensor]:
         return {
@@ -600,33 +624,62 @@ class AutoFlow(AutoContinuous):
         }
 
     @torch.no_grad()
-    def median(self, *args, num_samples: int = 1000, **kwargs) -> dict[str, Tensor]:
-        """Posterior median of each latent, estimated by Monte Carlo.
+    def median(self, *args, num_samples: int = 1001, **kwargs) -> dict[str, Tensor]:
+        """Posterior median of each latent: :meth:`quantiles` at 0.5, exactly.
 
-        The coordinatewise median of ``num_samples`` draws in unconstrained space, mapped to each
-        site's support (as Pyro's ``AutoContinuous.median`` maps its ``loc``); for elementwise
-        monotone supports (positive, interval, ...) this is the median in the constrained space.
+        Deterministic (the same value at every call, the global random state untouched). For an
+        untrained guide with an odd ``num_samples`` (the default) the middle draw of every
+        coordinate is the base's median 0, so the median is ``init_loc_fn``'s point up to the
+        rounding of the identity layers (exactly, when the layers are exactly the identity).
         """
-        if self.prototype_trace is None:
-            self._setup_prototype(*args, **kwargs)
-        return self._constrain(self._unconstrained_draws(num_samples).median(0).values)
+        q = self.quantiles([0.5], *args, num_samples=num_samples, **kwargs)
+        return {name: value[0] for name, value in q.items()}
 
     @torch.no_grad()
     def quantiles(
-        self, quantiles: Sequence[float] | Tensor, *args, num_samples: int = 1000, **kwargs
+        self, quantiles: Sequence[float] | Tensor, *args, num_samples: int = 1001, **kwargs
     ) -> dict[str, Tensor]:
-        """Posterior quantiles of each latent, estimated by Monte Carlo (as :meth:`median`).
+        """Posterior quantiles of each latent, from ``num_samples`` fixed draws of the flow.
+
+        The coordinatewise quantiles, in unconstrained space, of the flow applied to fixed
+        stratified base draws (see :meth:`_base_draws`), mapped to each site's support (as
+        Pyro's ``AutoContinuous.quantiles`` maps its Gaussian quantiles); for elementwise
+        monotone supports (positive, interval, ...) these are the quantiles in the constrained
+        space. The draws are the same at every call, so the result is deterministic, and
+        ``median()`` is this at 0.5 exactly. More ``num_samples`` give finer quantiles.
 
         Returns a dict mapping each site to a tensor whose first dimension indexes ``quantiles``.
         """
+        probs = _check_quantiles(quantiles)
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
         draws = self._unconstrained_draws(num_samples)
-        q = torch.as_tensor(quantiles, dtype=draws.dtype, device=draws.device).reshape(-1)
-        if ((q < 0) | (q > 1)).any():
-            raise ValueError(f"quantiles must lie in [0, 1], got {q.tolist()}")
+        q = torch.tensor(probs, dtype=draws.dtype, device=draws.device)
         per_q = [self._constrain(row) for row in torch.quantile(draws, q, dim=0)]
         return {name: torch.stack([d[name] for d in per_q]) for name in per_q[0]}
+
+
+def _check_quantiles(quantiles) -> list[float]:
+    """The probabilities in ``quantiles`` as floats; a ``ValueError`` unless each is in [0, 1]."""
+    if torch.is_tensor(quantiles):
+        values = quantiles.detach().reshape(-1).tolist()
+    elif isinstance(quantiles, numbers.Real):
+        values = [quantiles]
+    else:
+        try:
+            values = list(quantiles)
+        except TypeError:
+            raise TypeError(
+                f"quantiles must be a sequence of probabilities, got {quantiles!r}"
+            ) from None
+    if not values:
+        raise ValueError("quantiles must hold at least one probability in [0, 1], got none")
+    if any(isinstance(v, bool) or not isinstance(v, numbers.Real) for v in values):
+        raise TypeError(f"quantiles must be numbers in [0, 1], got {values!r}")
+    values = [float(v) for v in values]
+    if not all(0.0 <= v <= 1.0 for v in values):  # also refuses NaN
+        raise ValueError(f"quantiles must lie in [0, 1], got {values}")
+    return values
 
 
 class AutoPlanarFlow(AutoFlow):

@@ -5,6 +5,8 @@ and quantiles, and its behaviour when frozen.
   models never share them, while a new guide built the same way on the same model finds them in a
   restored param store, as ``AutoNormal``'s do.
 * ``load_state_dict`` is all or nothing and refuses a state dict of another flow or model.
+* ``median()`` and ``quantiles()`` are deterministic, consistent with each other and leave the
+  global random state alone.
 * A frozen guide (``requires_grad_(False)``) samples and scores without a warning.
 """
 
@@ -17,6 +19,7 @@ import pytest
 import torch
 from pyro import poutine
 from pyro.infer import SVI, Predictive, Trace_ELBO
+from pyro.infer.autoguide import init_to_value
 from pyro.optim import Adam
 
 from pyro_nf import AutoIAFFlow, AutoPlanarFlow, AutoRadialFlow, AutoSplineFlow, Flow
@@ -253,6 +256,78 @@ def test_state_dict_with_its_record_loads_with_weights_only(cls, tmp_path):
     target = make(cls, model_ab).setup()
     target.load_state_dict(torch.load(tmp_path / "guide.pt", weights_only=True))
     assert _unchanged(target, _snapshot(source))
+
+
+# ---------------------------------------------------------------------------------------------
+# median() and quantiles() are deterministic and consistent (#17, items 8 and 11).
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+@parametrize_guides
+def test_median_and_quantiles_are_deterministic_consistent_and_leave_the_rng_alone(cls, device):
+    y = torch.tensor(3.0, device=device)
+    guide = perturb(make(cls, model_ab).setup(y))
+    cpu_state = torch.get_rng_state()
+    cuda_state = torch.cuda.get_rng_state() if device == "cuda" else None
+    median = guide.median(y)
+    again = guide.median(y)
+    q = guide.quantiles([0.1, 0.5, 0.9], y)
+    q_again = guide.quantiles(torch.tensor([0.1, 0.5, 0.9]), y)
+    assert torch.equal(torch.get_rng_state(), cpu_state)
+    if cuda_state is not None:
+        assert torch.equal(torch.cuda.get_rng_state(), cuda_state)
+    for name in ("a", "b"):
+        assert median[name].device.type == device
+        assert torch.equal(median[name], again[name])
+        assert torch.equal(q[name], q_again[name])
+        assert torch.equal(q[name][1], median[name])  # median is quantiles([0.5]) exactly
+        assert (q[name].diff() > 0).all()
+
+
+@parametrize_guides
+def test_median_draws_are_made_on_the_flow_device_not_the_default_one(cls):
+    """On the meta device a tensor made without an explicit device cannot meet the guide's."""
+    guide = perturb(make(cls, model_ab).setup())
+    expected = guide.median()
+    with torch.device("meta"):
+        median = guide.median()
+        q = guide.quantiles([0.25, 0.75])
+    assert all(torch.equal(median[k], expected[k]) for k in expected)
+    assert all(v.device.type == "cpu" for v in q.values())
+
+
+@parametrize_guides
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_untrained_median_is_the_initial_location(cls, dtype):
+    values = {"a": torch.tensor(1.25, dtype=dtype), "b": torch.tensor(0.4, dtype=dtype)}
+    guide = make(cls, model_ab, init_loc_fn=init_to_value(values=values))
+    median = guide.median(torch.tensor(3.0, dtype=dtype))
+    q = guide.quantiles([0.5], torch.tensor(3.0, dtype=dtype))
+    tol = 1e-12 if dtype == torch.float64 else 1e-6
+    for name, value in values.items():
+        assert median[name].dtype == dtype
+        torch.testing.assert_close(median[name], value, rtol=tol, atol=tol)
+        assert torch.equal(q[name][0], median[name])
+
+
+def test_quantiles_of_an_untrained_guide_are_close_to_the_gaussian_ones():
+    """The stratified base draws give the quantiles of N(loc, scale) to 1% of the scale (plain
+    Monte Carlo with 1001 draws has a standard error of 7% of the scale at the 5% quantile)."""
+    values = {"a": torch.tensor(0.5), "b": torch.tensor(1.0)}
+    guide = make(AutoIAFFlow, model_ab, init_loc_fn=init_to_value(values=values))
+    q = guide.quantiles([0.05, 0.25, 0.75, 0.95])
+    z = torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor([0.05, 0.25, 0.75, 0.95]))
+    torch.testing.assert_close(q["a"], 0.5 + 0.1 * z, atol=1e-3, rtol=0)
+
+
+@parametrize_guides
+def test_quantiles_refuse_empty_or_nan_probabilities(cls):
+    guide = make(cls, model_ab).setup()
+    with pytest.raises(ValueError, match="quantiles must hold at least one probability"):
+        guide.quantiles([])
+    with pytest.raises(ValueError, match=r"quantiles must lie in \[0, 1\]"):
+        guide.quantiles([0.5, float("nan")])
+    with pytest.raises(TypeError, match="quantiles must be"):
+        guide.quantiles("0.5")
 
 
 # ---------------------------------------------------------------------------------------------
