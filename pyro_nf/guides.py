@@ -6,7 +6,11 @@ them are concatenated into one vector :math:`z \\in \\mathbb{R}^D`, and :math:`z
 :math:`q(z) =` :class:`~pyro_nf.Flow` (base :math:`\\mathcal N(0, I)`, ``num_transforms`` layers,
 then a learnable affine layer). The affine layer starts at ``init_loc_fn``'s location with scale
 ``init_scale`` and every flow layer at the identity, so an untrained guide *is* ``AutoNormal`` 's
-starting distribution (for the same ``init_loc_fn`` and ``init_scale``). With
+starting distribution when both are given the same ``init_loc_fn`` and ``init_scale``. The
+defaults differ in ``init_loc_fn``: :func:`init_to_median_or_feasible` (the prior median, like
+the ``init_to_median`` of Pyro's ``AutoDiagonalNormal``) here, ``init_to_feasible`` for
+``AutoNormal``; ``init_scale`` is 0.1 in both. (``init_to_median`` draws from the prior, so two
+guides get the same start only from the same random state.) With
 ``precondition="laplace"`` the guide instead starts at the Laplace approximation and the flow works
 in its whitened coordinates (see :class:`AutoFlow`).
 """
@@ -359,7 +363,8 @@ class AutoFlow(AutoContinuous):
                     f"{name} handles continuous latents only, but site {site_name!r} is discrete "
                     f"({type(site['fn']).__name__}). Enumerate it out: mark it with "
                     "infer={'enumerate': 'parallel'} and use TraceEnum_ELBO with this guide on "
-                    f"poutine.block(model, hide=[{site_name!r}])."
+                    f"poutine.block(model, hide=[{site_name!r}]) (see "
+                    "https://pyro.ai/examples/enumeration.html)."
                 )
             frame = _subsampled_frame(site)
             if frame is not None:
@@ -807,8 +812,9 @@ class AutoSplineFlow(AutoFlow):
     coordinates. Unlike the affine IAF, one layer can turn the Gaussian base into a density with
     several modes or sharp edges. The splines act on the standardized coordinates (before the
     affine base layer), on ``[-bound, bound]``, and are the identity outside; a fresh guide equals
-    ``AutoNormal``'s start. Costs as for :class:`AutoIAFFlow`: one network pass per layer to
-    sample and score, :math:`D` passes per layer to score another value.
+    ``AutoNormal``'s start for the same ``init_loc_fn`` and ``init_scale``. Costs as for
+    :class:`AutoIAFFlow`: one network pass per layer to sample and score, :math:`D` passes per
+    layer to score another value.
 
     Args:
         hidden_dims: MADE hidden sizes; default ``(max(2 * D, 16),)``.

@@ -8,6 +8,8 @@ and quantiles, and its behaviour when frozen.
 * ``median()`` and ``quantiles()`` are deterministic, consistent with each other and leave the
   global random state alone.
 * A frozen guide (``requires_grad_(False)``) samples and scores without a warning.
+* An untrained guide is ``AutoNormal``'s start when both get the same ``init_loc_fn`` and
+  ``init_scale``.
 """
 
 import re
@@ -19,7 +21,7 @@ import pytest
 import torch
 from pyro import poutine
 from pyro.infer import SVI, Predictive, Trace_ELBO
-from pyro.infer.autoguide import init_to_value
+from pyro.infer.autoguide import AutoNormal, init_to_feasible, init_to_value
 from pyro.optim import Adam
 
 from pyro_nf import AutoIAFFlow, AutoPlanarFlow, AutoRadialFlow, AutoSplineFlow, Flow
@@ -349,3 +351,40 @@ def test_frozen_guide_samples_and_scores_without_warnings(cls):
     assert torch.isfinite(log_q)
     # frozen tensors stay out of the optimizer's reach
     assert all(not p.requires_grad for p in guide.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# The AutoNormal claim, as the docs state it (#17, item 11).
+# ---------------------------------------------------------------------------------------------
+@parametrize_guides
+def test_untrained_guide_is_autonormal_start_for_autonormals_own_defaults(cls):
+    """Given AutoNormal's init_loc_fn (init_to_feasible) and both guides' default init_scale
+    (0.1), an untrained flow guide is the distribution AutoNormal starts from: the same density
+    at any point of the unconstrained space, and draws with its moments."""
+    normal = AutoNormal(model_ab)
+    normal()
+    guide = make(cls, model_ab, init_loc_fn=init_to_feasible)
+    guide()
+    loc = torch.stack([normal.locs.a.detach(), normal.locs.b.detach()])
+    scale = torch.stack([normal.scales.a.detach(), normal.scales.b.detach()])
+    torch.testing.assert_close(scale, torch.full((2,), 0.1))
+    z = loc + 0.3 * torch.randn(50, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            guide.get_posterior().log_prob(z),
+            dist.Normal(loc, scale).log_prob(z).sum(-1),
+            rtol=1e-5,
+            atol=1e-5,
+        )
+        draws = guide.get_posterior().sample((20000,))
+    assert ((draws.mean(0) - loc).abs() / scale).max() < 0.05
+    assert ((draws.std(0) / scale) - 1).abs().max() < 0.05
+
+
+def test_discrete_site_error_points_to_pyros_enumeration_guide():
+    def coin():
+        p = pyro.sample("p", dist.Beta(2.0, 2.0))
+        pyro.sample("x", dist.Bernoulli(p))
+
+    with pytest.raises(ValueError, match=r"site 'x' is discrete.*enumeration\.html"):
+        AutoPlanarFlow(coin, num_transforms=1)()
