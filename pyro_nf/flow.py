@@ -19,6 +19,7 @@ flow is exactly :math:`\\mathcal N(\\mu, \\operatorname{diag}\\sigma^2)` in eith
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 
 import torch
@@ -156,6 +157,23 @@ def _layer_options(layer: nn.Module) -> dict:
         options["hidden_dims"] = [int(h.out_features) for h in made.hidden]
         options["activation"] = repr(made.activation)
     return options
+
+
+def encode_record(record: dict) -> Tensor:
+    """A record of plain values as a CPU ``uint8`` tensor of the bytes of its JSON text."""
+    data = bytearray(json.dumps(record, sort_keys=True).encode())
+    return torch.frombuffer(data, dtype=torch.uint8).clone()
+
+
+def decode_record(value) -> dict | None:
+    """The record :func:`encode_record` made (on any device, in any dtype), else ``None``."""
+    if not torch.is_tensor(value) or value.dim() != 1:
+        return None
+    try:
+        record = json.loads(bytes(int(b) for b in value.tolist()).decode())
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def load_state_dict_atomically(module: nn.Module, load, state_dict, strict: bool, assign: bool):
@@ -393,16 +411,18 @@ class Flow(nn.Module):
         )
 
     # -- state dict -----------------------------------------------------------------------
-    def get_extra_state(self) -> dict:
-        """The record this flow puts in its state dict (key ``_extra_state``): what its
-        parameters mean.
+    def record(self) -> dict:
+        """What this flow's parameters mean, as plain values: the record in its state dict.
 
         The family, ``dim``, ``num_transforms``, ``context_dim``, ``affine_first`` and the
         layers' options that change the map for given parameters (MADE hidden sizes and
         activation, log-scale bounds, gate bias, spline bins, bound and minimal widths). Not
         recorded: ``fused`` and ``inverse_tol`` (the same map either way) and the dtype (loading
-        casts). Plain Python values, so the state dict still loads with
-        ``torch.load(weights_only=True)``.
+        casts).
+
+        Example:
+            >>> Flow(2, "radial", 3).record()["transform"]
+            'radial'
         """
         record = {
             "format": _FLOW_RECORD,
@@ -416,12 +436,20 @@ class Flow(nn.Module):
             record.update(_layer_options(self.layers[0]))
         return record
 
+    def get_extra_state(self) -> Tensor:
+        """:meth:`record` under the state-dict key ``_extra_state``, as the bytes of its JSON text
+        in a ``uint8`` tensor: every value of the state dict stays a tensor (code that clones or
+        copies a state dict's values keeps working) and it still loads with
+        ``torch.load(weights_only=True)``."""
+        return encode_record(self.record())
+
     def set_extra_state(self, state) -> None:
-        mine = self.get_extra_state()
-        if not isinstance(state, dict) or state.get("format") != _FLOW_RECORD:
+        mine = self.record()
+        state = decode_record(state)
+        if state is None or state.get("format") != _FLOW_RECORD:
             raise RuntimeError(
                 "Flow.load_state_dict: the state dict's '_extra_state' is not a pyro_nf.Flow "
-                f"record (got {state!r})"
+                "record; it was not saved from a pyro_nf.Flow"
             )
         diffs = [
             f"{key}={state.get(key)!r} (this flow: {mine.get(key)!r})"
@@ -438,7 +466,7 @@ class Flow(nn.Module):
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Load a state dict saved by :meth:`state_dict`, all or nothing.
 
-        The state dict records the flow it came from (:meth:`get_extra_state`); a different
+        The state dict records the flow it came from (:meth:`record`); a different
         family or options (e.g. a radial flow's parameters into a planar flow whose tensors
         happen to have the same shapes) raise a ``RuntimeError`` naming each difference. If
         loading fails for any reason, every parameter and buffer keeps its value from before

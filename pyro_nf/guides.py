@@ -38,7 +38,13 @@ from torch import Tensor
 from torch.distributions import biject_to
 
 from ._noncentering import NonCenteringTransform, hierarchical_normal_sites
-from .flow import Flow, FlowDistribution, load_state_dict_atomically
+from .flow import (
+    Flow,
+    FlowDistribution,
+    decode_record,
+    encode_record,
+    load_state_dict_atomically,
+)
 from .transforms.base import ChainTransform, FlowTransform, inverse_softplus
 
 __all__ = [
@@ -470,7 +476,7 @@ class AutoFlow(AutoContinuous):
         ``<guide's name>.flow[<sites>|<digest>]``, e.g. ``AutoPlanarFlow.flow[a,b|1f0c9e2a]``:
         the model's latent sites in order (abbreviated to the first few and a count when they
         are long), and 8 hex digits of a SHA-1 hash of the sites' unconstrained shapes, the
-        flow's architecture (:meth:`pyro_nf.Flow.get_extra_state`) and the guide's
+        flow's architecture (:meth:`pyro_nf.Flow.record`) and the guide's
         ``precondition`` and ``noncentered`` options. So guides of different models, or of one
         model with different flows, never share parameters, while a new guide built the same way
         on the same model finds the parameters of a restored param store, as ``AutoNormal`` does.
@@ -482,7 +488,7 @@ class AutoFlow(AutoContinuous):
         sites = [(n, [int(d) for d in shape]) for n, shape in self._unconstrained_shapes.items()]
         record = {
             "sites": sites,
-            "flow": self._modules["flow"].get_extra_state(),
+            "flow": self._modules["flow"].record(),
             "precondition": self._precondition,
             "noncentered": self._noncentered,
         }
@@ -501,12 +507,14 @@ class AutoFlow(AutoContinuous):
         return prefix
 
     # -- state dict -----------------------------------------------------------------------
-    def get_extra_state(self) -> dict:
-        """The record this guide puts in its state dict: the model's latent sites with their
-        unconstrained shapes, and the non-centred sites (``noncentered=True``).
+    def record(self) -> dict:
+        """What this guide's parameters belong to, as plain values: the model's latent sites with
+        their unconstrained shapes, and the non-centred sites (``noncentered=True``).
 
-        :meth:`load_state_dict` refuses a state dict whose record differs (a guide of another
-        model, or of the same model with other sites non-centred), naming what differs.
+        It goes into the state dict (key ``_extra_state``, encoded as for
+        :meth:`pyro_nf.Flow.get_extra_state`), and :meth:`load_state_dict` refuses a state dict
+        whose record differs (a guide of another model, or of the same model with other sites
+        non-centred), naming what differs.
         """
         if self.prototype_trace is None:
             return {"format": _GUIDE_RECORD, "sites": None, "noncentered": None}
@@ -516,13 +524,17 @@ class AutoFlow(AutoContinuous):
             "noncentered": sorted(self.noncentering.sites) if self.noncentering is not None else [],
         }
 
+    def get_extra_state(self) -> Tensor:
+        return encode_record(self.record())
+
     def set_extra_state(self, state) -> None:
         name = type(self).__name__
-        mine = self.get_extra_state()
-        if not isinstance(state, dict) or state.get("format") != _GUIDE_RECORD:
+        mine = self.record()
+        state = decode_record(state)
+        if state is None or state.get("format") != _GUIDE_RECORD:
             raise RuntimeError(
                 f"{name}.load_state_dict: the state dict's '_extra_state' is not a pyro_nf flow "
-                f"guide's record (got {state!r}); it was not saved from a pyro_nf flow guide"
+                "guide's record; it was not saved from a pyro_nf flow guide"
             )
 
         def describe(sites):

@@ -334,3 +334,23 @@ def test_failed_flow_load_state_dict_changes_nothing(transform):
         target.load_state_dict(state)
     after = target.state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_state_dict_values_stay_tensors_so_copying_them_keeps_working():
+    """The record goes into the state dict as a uint8 tensor, so the usual early-stopping idiom
+    (clone every value, later copy them back, as examples/vae.py does) works on a module that
+    holds a Flow, and the record survives a round trip through torch.save(weights_only=True)."""
+    model = torch.nn.ModuleDict({"encoder": torch.nn.Linear(3, 4), "flow": Flow(2, "iaf", 2, 4)})
+    state = model.state_dict()
+    assert all(torch.is_tensor(v) for v in state.values())
+    best = {k: v.detach().clone() for k, v in state.items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+        for k, v in model.state_dict().items():
+            v.copy_(best[k])
+    assert all(torch.equal(v, best[k]) for k, v in model.state_dict().items())
+    assert model["flow"].record()["transform"] == "iaf"
+    Flow(2, "iaf", 2, 4).load_state_dict(
+        {k[len("flow.") :]: v.to(torch.float16) for k, v in state.items() if k.startswith("flow.")}
+    )  # the record decodes whatever dtype a conversion gave it

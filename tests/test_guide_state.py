@@ -254,6 +254,8 @@ def test_state_dict_without_a_record_loads_only_with_strict_false(cls):
 @parametrize_guides
 def test_state_dict_with_its_record_loads_with_weights_only(cls, tmp_path):
     source = perturb(make(cls, model_ab).setup())
+    assert all(torch.is_tensor(v) for v in source.state_dict().values())
+    assert source.record()["sites"] == [["a", []], ["b", []]]
     torch.save(source.state_dict(), tmp_path / "guide.pt")
     target = make(cls, model_ab).setup()
     target.load_state_dict(torch.load(tmp_path / "guide.pt", weights_only=True))
