@@ -2,8 +2,9 @@
 
 Flow layers with exact inverses (:mod:`pyro_nf.transforms`), a flow distribution that can be
 conditioned on a context (:class:`Flow`), autoguides (:class:`AutoPlanarFlow`,
-:class:`AutoRadialFlow`, :class:`AutoIAFFlow`, :class:`AutoSplineFlow`) that start where ``AutoNormal`` starts, and the
-workflow around a fit: :func:`fit`, :func:`diagnose`, :func:`log_marginal_likelihood`,
+:class:`AutoRadialFlow`, :class:`AutoIAFFlow`, :class:`AutoSplineFlow`) that start where
+``AutoNormal`` starts when both get the same ``init_loc_fn`` and ``init_scale``, and the workflow
+around a fit: :func:`fit`, :func:`diagnose`, :func:`log_marginal_likelihood`,
 :func:`to_inference_data` and the plots in :mod:`pyro_nf.plots`.
 """
 

@@ -68,6 +68,11 @@ def to_inference_data(
     """
     import arviz as az
 
+    if resample and not (isinstance(num_samples, int) and num_samples >= 2):
+        raise ValueError(
+            f"to_inference_data(resample=True) needs num_samples >= 2 to resample from (Pareto "
+            f"smoothing of the importance weights needs several draws), got {num_samples!r}"
+        )
     draws = _draw(
         model, guide, args, kwargs, num_samples, chunk_size, keep_values=True, vectorize=vectorize
     )

@@ -19,6 +19,7 @@ flow is exactly :math:`\\mathcal N(\\mu, \\operatorname{diag}\\sigma^2)` in eith
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 
 import torch
@@ -39,6 +40,9 @@ from .transforms import (
 from .transforms.base import ChainTransform, FlowModule, FlowTransform, _check_dim, check_context
 
 __all__ = ["Flow", "FlowDistribution", "TRANSFORMS"]
+
+#: format tag of the record a Flow puts in its state dict
+_FLOW_RECORD = "pyro_nf.Flow/1"
 
 _HALF_LOG_2PI = 0.9189385332046727
 
@@ -136,7 +140,13 @@ class FlowDistribution(TorchDistribution):
         if memo is not None and value is memo[0] and value._version == memo[1]:
             return memo[2]
         if self._validate_args:
-            self._validate_sample(value)
+            if value.numel() == 0:  # torch's support check cannot reshape an empty batch
+                _check_empty_value(value, self.batch_shape, self.event_shape)
+            else:
+                self._validate_sample(value)
+        if value.numel() == 0:
+            shape = torch.broadcast_shapes(value.shape[:-1], self.batch_shape)
+            return torch.zeros(shape, dtype=value.dtype, device=value.device)
         x, ladj = ChainTransform(self.transforms).inverse_and_ladj(value)
         log_q = self._base_log_prob(x) - ladj
         return log_q.expand(torch.broadcast_shapes(value.shape[:-1], self.batch_shape))
@@ -161,6 +171,96 @@ def _first_tensor(obj, depth: int = 0) -> Tensor | None:
             if found is not None:
                 return found
     return None
+
+
+def _layer_options(layer: nn.Module) -> dict:
+    """The options of a flow layer that change its map for given parameters, as plain values."""
+    options = {}
+    for attr in ("log_scale_min", "log_scale_max", "gate_bias", "num_bins", "bound"):
+        if hasattr(layer, attr):
+            options[attr] = getattr(layer, attr)
+    mins = getattr(layer, "mins", None)
+    if isinstance(mins, dict):
+        options.update(mins)
+    made = getattr(layer, "made", None)
+    if made is not None:
+        options["hidden_dims"] = [int(h.out_features) for h in made.hidden]
+        options["activation"] = repr(made.activation)
+        options["fan_in_ref"] = made.fan_in_ref  # (scales each unit's map for given weights)
+    return options
+
+
+def encode_record(record: dict) -> Tensor:
+    """A record of plain values as a CPU ``uint8`` tensor of the bytes of its JSON text."""
+    data = bytearray(json.dumps(record, sort_keys=True).encode())
+    return torch.frombuffer(data, dtype=torch.uint8).clone()
+
+
+def decode_record(value) -> dict | None:
+    """The record :func:`encode_record` made (on any device, in any dtype), else ``None``."""
+    if not torch.is_tensor(value) or value.dim() != 1:
+        return None
+    try:
+        record = json.loads(bytes(int(b) for b in value.tolist()).decode())
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def load_state_dict_atomically(module: nn.Module, load, state_dict, strict: bool, assign: bool):
+    """``load(state_dict, strict=strict, assign=assign)``, undone if it raises.
+
+    torch's ``load_state_dict`` copies every tensor it can before it reports missing, unexpected
+    or mis-shaped entries, and a record check in ``set_extra_state`` can fail after other
+    modules were loaded; this keeps a copy of every parameter and buffer (and of which tensor
+    object each slot held, for ``assign=True``) and puts them back on any error. Under
+    ``strict=True`` a state dict without the ``_extra_state`` records the module writes is
+    refused up front, before anything is copied.
+    """
+    if strict and hasattr(state_dict, "keys"):
+        expected = [k for k in module.state_dict(keep_vars=True) if k.endswith("_extra_state")]
+        missing = [k for k in expected if k not in state_dict]
+        if missing:
+            raise RuntimeError(
+                f"{type(module).__name__}.load_state_dict: the state dict has no record of the "
+                f"flow (or guide) it was saved from (missing {missing}); it was probably saved "
+                "by a pyro_nf version that did not write one, so nothing can check that it fits. "
+                "Pass strict=False to load it unchecked."
+            )
+    saved = [
+        (slots, key, t, None if t is None else t.detach().clone())
+        for mod in module.modules()
+        for slots in (mod._parameters, mod._buffers)
+        for key, t in slots.items()
+    ]
+    try:
+        return load(state_dict, strict=strict, assign=assign)
+    except BaseException:
+        with torch.no_grad():
+            for slots, key, t, value in saved:
+                slots[key] = t
+                if t is not None:
+                    t.copy_(value)
+        raise
+
+
+def _check_empty_value(value: Tensor, batch_shape: torch.Size, event_shape: torch.Size) -> None:
+    """The shape checks of ``Distribution._validate_sample`` for a value with no elements."""
+    if not torch.is_tensor(value):
+        raise ValueError(f"the value to score must be a torch.Tensor, got {type(value).__name__}")
+    n = len(event_shape)
+    if value.shape[value.dim() - n :] != event_shape:
+        raise ValueError(
+            f"the value to score has shape {tuple(value.shape)}; its rightmost dimensions must "
+            f"be the event shape {tuple(event_shape)}"
+        )
+    try:
+        torch.broadcast_shapes(value.shape[: value.dim() - n], batch_shape)
+    except RuntimeError:
+        raise ValueError(
+            f"the value to score has shape {tuple(value.shape)}, which does not broadcast "
+            f"with the batch shape {tuple(batch_shape)}"
+        ) from None
 
 
 _LAYERS = {
@@ -368,3 +468,69 @@ def _check_name(name: str) -> str:
             f"got {name!r}"
         )
     return name
+
+    # -- state dict -----------------------------------------------------------------------
+    def record(self) -> dict:
+        """What this flow's parameters mean, as plain values: the record in its state dict.
+
+        The family, ``dim``, ``num_transforms``, ``context_dim``, ``affine_first`` and the
+        layers' options that change the map for given parameters (MADE hidden sizes, activation
+        and ``fan_in_ref``, log-scale bounds, gate bias, spline bins, bound and minimal widths).
+        Not
+        recorded: ``fused`` and ``inverse_tol`` (the same map either way) and the dtype (loading
+        casts).
+
+        Example:
+            >>> Flow(2, "radial", 3).record()["transform"]
+            'radial'
+        """
+        record = {
+            "format": _FLOW_RECORD,
+            "transform": self.transform,
+            "dim": self.dim,
+            "num_transforms": len(self.layers),
+            "context_dim": self.context_dim,
+            "affine_first": self.affine_first,
+        }
+        if len(self.layers):
+            record.update(_layer_options(self.layers[0]))
+        return record
+
+    def get_extra_state(self) -> Tensor:
+        """:meth:`record` under the state-dict key ``_extra_state``, as the bytes of its JSON text
+        in a ``uint8`` tensor: every value of the state dict stays a tensor (code that clones or
+        copies a state dict's values keeps working) and it still loads with
+        ``torch.load(weights_only=True)``."""
+        return encode_record(self.record())
+
+    def set_extra_state(self, state) -> None:
+        mine = self.record()
+        state = decode_record(state)
+        if state is None or state.get("format") != _FLOW_RECORD:
+            raise RuntimeError(
+                "Flow.load_state_dict: the state dict's '_extra_state' is not a pyro_nf.Flow "
+                "record; it was not saved from a pyro_nf.Flow"
+            )
+        diffs = [
+            f"{key}={state.get(key)!r} (this flow: {mine.get(key)!r})"
+            for key in sorted(set(state) | set(mine))
+            if state.get(key) != mine.get(key)
+        ]
+        if diffs:
+            raise RuntimeError(
+                "Flow.load_state_dict: the state dict was saved from another kind of flow: "
+                + ", ".join(diffs)
+                + "; build the flow (or guide) with the same arguments to load it"
+            )
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Load a state dict saved by :meth:`state_dict`, all or nothing.
+
+        The state dict records the flow it came from (:meth:`record`); a different
+        family or options (e.g. a radial flow's parameters into a planar flow whose tensors
+        happen to have the same shapes) raise a ``RuntimeError`` naming each difference. If
+        loading fails for any reason, every parameter and buffer keeps its value from before
+        the call. A state dict without the record (saved before pyro_nf wrote it) is refused
+        under ``strict=True`` and loaded unchecked with ``strict=False``.
+        """
+        return load_state_dict_atomically(self, super().load_state_dict, state_dict, strict, assign)

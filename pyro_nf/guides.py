@@ -6,13 +6,20 @@ them are concatenated into one vector :math:`z \\in \\mathbb{R}^D`, and :math:`z
 :math:`q(z) =` :class:`~pyro_nf.Flow` (base :math:`\\mathcal N(0, I)`, ``num_transforms`` layers,
 then a learnable affine layer). The affine layer starts at ``init_loc_fn``'s location with scale
 ``init_scale`` and every flow layer at the identity, so an untrained guide *is* ``AutoNormal`` 's
-starting distribution (for the same ``init_loc_fn`` and ``init_scale``). With
+starting distribution when both are given the same ``init_loc_fn`` and ``init_scale``. The
+defaults differ in ``init_loc_fn``: :func:`init_to_median_or_feasible` (the prior median, like
+the ``init_to_median`` of Pyro's ``AutoDiagonalNormal``) here, ``init_to_feasible`` for
+``AutoNormal``; ``init_scale`` is 0.1 in both. (``init_to_median`` draws from the prior, so two
+guides get the same start only from the same random state.) With
 ``precondition="laplace"`` the guide instead starts at the Laplace approximation and the flow works
 in its whitened coordinates (see :class:`AutoFlow`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import numbers
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -32,7 +39,13 @@ from torch.distributions import biject_to
 
 from ._devices import model_device, site_values
 from ._noncentering import NonCenteringTransform, hierarchical_normal_sites
-from .flow import Flow, FlowDistribution
+from .flow import (
+    Flow,
+    FlowDistribution,
+    decode_record,
+    encode_record,
+    load_state_dict_atomically,
+)
 from .transforms.base import ChainTransform, FlowTransform, inverse_softplus
 
 __all__ = [
@@ -77,6 +90,14 @@ def _holds(store, keys: list[tuple[str, Tensor]]) -> bool:
     """Whether Pyro's param store holds exactly these tensors under these names."""
     params = getattr(store, "_params", None)
     return params is not None and all(params.get(key) is p for key, p in keys)
+
+
+#: seed of the fixed base draws behind ``median()`` and ``quantiles()`` (any fixed number)
+_QUANTILE_SEED = 20240917
+#: format tag of the record a flow guide puts in its state dict
+_GUIDE_RECORD = "pyro_nf.AutoFlow/1"
+#: site names longer than this (joined) are abbreviated in the param-store names
+_READABLE_SITES = 40
 
 
 class AutoFlow(AutoContinuous):
@@ -144,7 +165,11 @@ class AutoFlow(AutoContinuous):
         noncentered: bool = False,
         **flow_kwargs,
     ) -> None:
-        if not isinstance(init_scale, (int, float)) or not 0 < init_scale < float("inf"):
+        if (
+            isinstance(init_scale, bool)
+            or not isinstance(init_scale, (int, float))
+            or not 0 < init_scale < float("inf")
+        ):
             raise ValueError(f"init_scale must be a positive finite number, got {init_scale!r}")
         if precondition not in (None, "laplace"):
             raise ValueError(f"precondition must be None or 'laplace', got {precondition!r}")
@@ -180,6 +205,14 @@ class AutoFlow(AutoContinuous):
         # InitMessenger inside any handler around it); runs with all latents given use this.
         self._raw_model = (model,)
 
+    def __getattr__(self, name: str):
+        # PyroModule would register ``self.flow`` under "<guide>.flow" whenever it is read inside
+        # the guide's Pyro context; the flow's parameters live under the names of
+        # _flow_param_prefix instead, so reads go through _synced_flow.
+        if name == "flow" and "flow" in self.__dict__.get("_modules", {}):
+            return self._synced_flow()
+        return super().__getattr__(name)
+
     # -- set-up ---------------------------------------------------------------------------
     def _setup_prototype(self, *args, **kwargs) -> None:
         """Run the model once and build the flow; all or nothing.
@@ -195,7 +228,8 @@ class AutoFlow(AutoContinuous):
 
     def _discard_setup(self) -> None:
         self.prototype_trace = None
-        self.__dict__.pop("_flow_slots", None)
+        self.__dict__.pop("_flow_slots_cache", None)
+        self.__dict__.pop("_flow_prefix_cache", None)
         if "flow" in self._modules:
             del self._modules["flow"]
         self.noncentering = None
@@ -264,6 +298,9 @@ class AutoFlow(AutoContinuous):
                 flow.set_preconditioner(mode, tril)
         flow.outer_transform = self.noncentering
         self.flow = flow
+        # the name a Flow called inside a Pyro handler registers itself under: the guide's own
+        # (the default "flow" would clash with a user's flow of that name)
+        flow.name = self._flow_param_prefix()
 
     def _init_loc(self, device: torch.device | None = None) -> Tensor:
         """The latent vector at ``init_loc_fn``'s point, on ``device`` (the model's)."""
@@ -397,7 +434,8 @@ class AutoFlow(AutoContinuous):
                     f"{name} handles continuous latents only, but site {site_name!r} is discrete "
                     f"({type(site['fn']).__name__}). Enumerate it out: mark it with "
                     "infer={'enumerate': 'parallel'} and use TraceEnum_ELBO with this guide on "
-                    f"poutine.block(model, hide=[{site_name!r}])."
+                    f"poutine.block(model, hide=[{site_name!r}]) (see "
+                    "https://pyro.ai/examples/enumeration.html)."
                 )
             frame = _subsampled_frame(site)
             if frame is not None:
@@ -442,47 +480,162 @@ class AutoFlow(AutoContinuous):
     def _synced_flow(self) -> Flow:
         """``self.flow``, sharing its tensors with Pyro's param store inside a Pyro context.
 
-        As for ``AutoNormal``'s parameters, an entry of the param store with the flow's name wins
-        (a restored param store, a second guide in the same store), so that the optimizer of
-        ``SVI`` and the guide always see the same tensors. When no Pyro handler is active and the
-        store already holds exactly the flow's tensors, registering them again would change
-        nothing, and is skipped (it is a measurable part of a step for deep flows).
+        Each trainable flow parameter is registered with :func:`pyro.param` under
+        :meth:`_flow_param_prefix` ``+ "$$$" +`` its name in the flow. As for ``AutoNormal``'s
+        parameters, an entry of the param store with that name wins (a restored param store, a
+        second guide of the same model and architecture), so that the optimizer of ``SVI`` and
+        the guide always see the same tensors. Frozen parameters (``requires_grad=False``) are
+        left out, as :func:`pyro.module` leaves them out, but without its warning at every call.
+        When no Pyro handler is active and the store already holds exactly the flow's tensors,
+        registering them again would change nothing, and is skipped (it is a measurable part of a
+        step for deep flows).
         """
-        # Not self.flow: inside an active context PyroModule.__getattr__ would register it again.
+        # Not self.flow: that goes through __getattr__, which calls this.
         flow = self._modules["flow"]
         if self._pyro_context.active:
-            keys = self._flow_param_keys(flow)
+            slots = [
+                (key, params, p_name)
+                for key, params, p_name in self._flow_slots(flow)
+                if params[p_name].requires_grad
+            ]
             store = pyro.get_param_store()
-            if not _PYRO_STACK and _holds(store, keys):
+            if not _PYRO_STACK and _holds(store, [(k, ps[n]) for k, ps, n in slots]):
                 return flow
-            for key, p in keys:
+            for key, params, p_name in slots:
+                p = params[p_name]
                 if key in store and store[key].shape != p.shape:
                     raise RuntimeError(
                         f"Pyro's param store holds {key!r} with shape {tuple(store[key].shape)}, "
-                        f"but this guide's parameter has shape {tuple(p.shape)} (left over from "
-                        "another model?); call pyro.clear_param_store() first"
+                        f"but this guide's parameter has shape {tuple(p.shape)}; call "
+                        "pyro.clear_param_store() first"
                     )
-            pyro.module(self._pyro_get_fullname("flow"), flow, update_module_params=True)
+            for key, params, p_name in slots:
+                p = params[p_name]
+                stored = pyro.param(key, p)
+                if stored._cdata != p._cdata:  # the store's tensor wins, as in pyro.module
+                    params[p_name] = stored
         return flow
 
-    def _flow_param_keys(self, flow: Flow) -> list[tuple[str, Tensor]]:
-        """``(param-store name, parameter)`` of every trainable flow parameter.
+    def _flow_slots(self, flow: Flow) -> list[tuple[str, dict, str]]:
+        """``(param-store name, owning ``_parameters`` dict, key in it)`` of every flow parameter.
 
-        Where each parameter lives is cached (walking the module tree costs more than the rest
-        of the check); the tensors are read afresh, since ``pyro.module`` may have swapped them.
+        Cached (walking the module tree costs more than the rest of the check); callers read
+        the tensors afresh, since the registration may swap them for the param store's.
         """
-        name = self._pyro_get_fullname("flow")
-        cached = self.__dict__.get("_flow_slots")
+        name = self._flow_param_prefix()
+        cached = self.__dict__.get("_flow_slots_cache")
         if cached is None or cached[0] is not flow or cached[1] != name:
             slots = []
             for mod_name, mod in flow.named_modules():
                 for p_name, p in mod._parameters.items():
-                    if p is not None and p.requires_grad:
+                    if p is not None:
                         full = f"{mod_name}.{p_name}" if mod_name else p_name
                         slots.append((param_with_module_name(name, full), mod._parameters, p_name))
             cached = (flow, name, slots)
-            self.__dict__["_flow_slots"] = cached
-        return [(key, params[p_name]) for key, params, p_name in cached[2]]
+            self.__dict__["_flow_slots_cache"] = cached
+        return cached[2]
+
+    def _flow_param_prefix(self) -> str:
+        """The name under which the flow's parameters go into Pyro's param store.
+
+        ``<guide's name>.flow[<sites>|<digest>]``, e.g. ``AutoPlanarFlow.flow[a,b|1f0c9e2a]``:
+        the model's latent sites in order (abbreviated to the first few and a count when they
+        are long), and 8 hex digits of a SHA-1 hash of the sites' unconstrained shapes, the
+        flow's architecture (:meth:`pyro_nf.Flow.record`) and the guide's
+        ``precondition`` and ``noncentered`` options. So guides of different models, or of one
+        model with different flows, never share parameters, while a new guide built the same way
+        on the same model finds the parameters of a restored param store, as ``AutoNormal`` does.
+        """
+        trace = self.prototype_trace
+        cached = self.__dict__.get("_flow_prefix_cache")
+        if cached is not None and cached[0] is trace and cached[1] == self._pyro_name:
+            return cached[2]
+        sites = [(n, [int(d) for d in shape]) for n, shape in self._unconstrained_shapes.items()]
+        record = {
+            "sites": sites,
+            "flow": self._modules["flow"].record(),
+            "precondition": self._precondition,
+            "noncentered": self._noncentered,
+        }
+        digest = hashlib.sha1(json.dumps(record, sort_keys=True).encode()).hexdigest()[:8]
+        names = [n for n, _ in sites]
+        readable = ",".join(names)
+        if len(readable) > _READABLE_SITES:
+            shown: list[str] = []
+            for n in names:
+                if shown and len(",".join([*shown, n])) > _READABLE_SITES - 8:
+                    break
+                shown.append(n)
+            readable = ",".join(shown) + f",+{len(names) - len(shown)}"
+        prefix = self._pyro_get_fullname(f"flow[{readable.replace('$', '_')}|{digest}]")
+        self.__dict__["_flow_prefix_cache"] = (trace, self._pyro_name, prefix)
+        return prefix
+
+    # -- state dict -----------------------------------------------------------------------
+    def record(self) -> dict:
+        """What this guide's parameters belong to, as plain values: the model's latent sites with
+        their unconstrained shapes, and the non-centred sites (``noncentered=True``).
+
+        It goes into the state dict (key ``_extra_state``, encoded as for
+        :meth:`pyro_nf.Flow.get_extra_state`), and :meth:`load_state_dict` refuses a state dict
+        whose record differs (a guide of another model, or of the same model with other sites
+        non-centred), naming what differs.
+        """
+        if self.prototype_trace is None:
+            return {"format": _GUIDE_RECORD, "sites": None, "noncentered": None}
+        return {
+            "format": _GUIDE_RECORD,
+            "sites": [[n, [int(d) for d in s]] for n, s in self._unconstrained_shapes.items()],
+            "noncentered": sorted(self.noncentering.sites) if self.noncentering is not None else [],
+        }
+
+    def get_extra_state(self) -> Tensor:
+        return encode_record(self.record())
+
+    def set_extra_state(self, state) -> None:
+        name = type(self).__name__
+        mine = self.record()
+        state = decode_record(state)
+        if state is None or state.get("format") != _GUIDE_RECORD:
+            raise RuntimeError(
+                f"{name}.load_state_dict: the state dict's '_extra_state' is not a pyro_nf flow "
+                "guide's record; it was not saved from a pyro_nf flow guide"
+            )
+
+        def describe(sites):
+            return ", ".join(f"{n} {tuple(s)}" for n, s in sites) if sites else "none"
+
+        if state.get("sites") != mine["sites"]:
+            raise RuntimeError(
+                f"{name}.load_state_dict: the state dict was saved from a guide of other latent "
+                f"sites: {describe(state.get('sites'))} (unconstrained shapes) there, "
+                f"{describe(mine['sites'])} here; a flow guide's parameters fit only the model "
+                "they were fitted to"
+            )
+        if state.get("noncentered") != mine["noncentered"]:
+            raise RuntimeError(
+                f"{name}.load_state_dict: the state dict was saved from a guide that non-centres "
+                f"the sites {state.get('noncentered')}, this guide non-centres "
+                f"{mine['noncentered']}: the flow works in other coordinates; build the guide "
+                "with the same noncentered= option"
+            )
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Load a state dict saved by :meth:`state_dict`, all or nothing.
+
+        Needs the parameters, so :meth:`setup` (or a call of the guide) first. The state dict
+        must come from a guide of the same model (latent sites and shapes) with the same flow
+        (family, layers and their options, see :meth:`pyro_nf.Flow.load_state_dict`): a
+        mismatch raises a ``RuntimeError`` that says what differs. If loading fails for any
+        reason, every parameter and buffer keeps its value from before the call.
+
+        State dicts saved before pyro_nf recorded the model and flow (no ``_extra_state``
+        entries) are refused under ``strict=True``, since nothing could check them;
+        ``strict=False`` loads them unchecked (and, as in torch, ignores missing or unexpected
+        keys).
+        """
+        self._require_setup()
+        return load_state_dict_atomically(self, super().load_state_dict, state_dict, strict, assign)
 
     def get_base_dist(self) -> dist.Distribution:
         """The flow's base distribution, :math:`\\mathcal N(0, I_D)` over the latent vector.
@@ -518,12 +671,33 @@ class AutoFlow(AutoContinuous):
         self._require_setup()
         return ChainTransform(self._synced_flow().transforms())
 
+    def _base_draws(self, num_samples: int) -> Tensor:
+        """``num_samples`` fixed draws of the base :math:`\\mathcal N(0, I_D)`, shape ``(n, D)``.
+
+        Every coordinate takes each value of the grid :math:`\\Phi^{-1}((k + 1/2) / n)`,
+        :math:`k = 0, \\dots, n - 1`, exactly once, in an order drawn independently per
+        coordinate (a Latin hypercube): the marginals are stratified, which makes the
+        coordinatewise quantiles of the pushed draws far less noisy than plain Monte Carlo. The
+        order comes from a private generator with a fixed seed on the flow's device, so the draws
+        are the same at every call and the global random state is not touched.
+        """
+        raw = self._modules["flow"].affine.raw
+        dtype, device = raw.dtype, raw.device
+        gen = torch.Generator(device=device)
+        gen.manual_seed(_QUANTILE_SEED)
+        grid = torch.special.ndtri(
+            (torch.arange(num_samples, dtype=dtype, device=device) + 0.5) / num_samples
+        )
+        keys = torch.rand(self.latent_dim, num_samples, generator=gen, dtype=dtype, device=device)
+        return grid[keys.argsort(-1)].T
+
     def _unconstrained_draws(self, num_samples: int) -> Tensor:
+        """The flow's pushforward of :meth:`_base_draws`: fixed draws of the latent vector."""
         self._require_setup()
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 2:
             raise ValueError(f"num_samples must be an integer >= 2, got {num_samples!r}")
         with torch.no_grad():
-            return self.flow().sample((num_samples,))
+            return self._modules["flow"]().push_and_log_prob(self._base_draws(num_samples))[0]
 
     def _constrain(self, latent: Tensor) -> dict[str, Tensor]:
         return {
@@ -532,33 +706,62 @@ class AutoFlow(AutoContinuous):
         }
 
     @torch.no_grad()
-    def median(self, *args, num_samples: int = 1000, **kwargs) -> dict[str, Tensor]:
-        """Posterior median of each latent, estimated by Monte Carlo.
+    def median(self, *args, num_samples: int = 1001, **kwargs) -> dict[str, Tensor]:
+        """Posterior median of each latent: :meth:`quantiles` at 0.5, exactly.
 
-        The coordinatewise median of ``num_samples`` draws in unconstrained space, mapped to each
-        site's support (as Pyro's ``AutoContinuous.median`` maps its ``loc``); for elementwise
-        monotone supports (positive, interval, ...) this is the median in the constrained space.
+        Deterministic (the same value at every call, the global random state untouched). For an
+        untrained guide with an odd ``num_samples`` (the default) the middle draw of every
+        coordinate is the base's median 0, so the median is ``init_loc_fn``'s point up to the
+        rounding of the identity layers (exactly, when the layers are exactly the identity).
         """
-        if self.prototype_trace is None:
-            self._setup_prototype(*args, **kwargs)
-        return self._constrain(self._unconstrained_draws(num_samples).median(0).values)
+        q = self.quantiles([0.5], *args, num_samples=num_samples, **kwargs)
+        return {name: value[0] for name, value in q.items()}
 
     @torch.no_grad()
     def quantiles(
-        self, quantiles: Sequence[float] | Tensor, *args, num_samples: int = 1000, **kwargs
+        self, quantiles: Sequence[float] | Tensor, *args, num_samples: int = 1001, **kwargs
     ) -> dict[str, Tensor]:
-        """Posterior quantiles of each latent, estimated by Monte Carlo (as :meth:`median`).
+        """Posterior quantiles of each latent, from ``num_samples`` fixed draws of the flow.
+
+        The coordinatewise quantiles, in unconstrained space, of the flow applied to fixed
+        stratified base draws (see :meth:`_base_draws`), mapped to each site's support (as
+        Pyro's ``AutoContinuous.quantiles`` maps its Gaussian quantiles); for elementwise
+        monotone supports (positive, interval, ...) these are the quantiles in the constrained
+        space. The draws are the same at every call, so the result is deterministic, and
+        ``median()`` is this at 0.5 exactly. More ``num_samples`` give finer quantiles.
 
         Returns a dict mapping each site to a tensor whose first dimension indexes ``quantiles``.
         """
+        probs = _check_quantiles(quantiles)
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
         draws = self._unconstrained_draws(num_samples)
-        q = torch.as_tensor(quantiles, dtype=draws.dtype, device=draws.device).reshape(-1)
-        if ((q < 0) | (q > 1)).any():
-            raise ValueError(f"quantiles must lie in [0, 1], got {q.tolist()}")
+        q = torch.tensor(probs, dtype=draws.dtype, device=draws.device)
         per_q = [self._constrain(row) for row in torch.quantile(draws, q, dim=0)]
         return {name: torch.stack([d[name] for d in per_q]) for name in per_q[0]}
+
+
+def _check_quantiles(quantiles) -> list[float]:
+    """The probabilities in ``quantiles`` as floats; a ``ValueError`` unless each is in [0, 1]."""
+    if torch.is_tensor(quantiles):
+        values = quantiles.detach().reshape(-1).tolist()
+    elif isinstance(quantiles, numbers.Real):
+        values = [quantiles]
+    else:
+        try:
+            values = list(quantiles)
+        except TypeError:
+            raise TypeError(
+                f"quantiles must be a sequence of probabilities, got {quantiles!r}"
+            ) from None
+    if not values:
+        raise ValueError("quantiles must hold at least one probability in [0, 1], got none")
+    if any(isinstance(v, bool) or not isinstance(v, numbers.Real) for v in values):
+        raise TypeError(f"quantiles must be numbers in [0, 1], got {values!r}")
+    values = [float(v) for v in values]
+    if not all(0.0 <= v <= 1.0 for v in values):  # also refuses NaN
+        raise ValueError(f"quantiles must lie in [0, 1], got {values}")
+    return values
 
 
 class AutoPlanarFlow(AutoFlow):
@@ -687,8 +890,9 @@ class AutoSplineFlow(AutoFlow):
     coordinates. Unlike the affine IAF, one layer can turn the Gaussian base into a density with
     several modes or sharp edges. The splines act on the standardized coordinates (before the
     affine base layer), on ``[-bound, bound]``, and are the identity outside; a fresh guide equals
-    ``AutoNormal``'s start. Costs as for :class:`AutoIAFFlow`: one network pass per layer to
-    sample and score, :math:`D` passes per layer to score another value.
+    ``AutoNormal``'s start for the same ``init_loc_fn`` and ``init_scale``. Costs as for
+    :class:`AutoIAFFlow`: one network pass per layer to sample and score, :math:`D` passes per
+    layer to score another value.
 
     Args:
         hidden_dims: MADE hidden sizes; default ``(min(max(2 * D, 16), 128),)`` (see

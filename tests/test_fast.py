@@ -172,9 +172,9 @@ def test_every_flow_parameter_reaches_pyro_handlers_at_every_step(make):
     pyro.clear_param_store()
     guide = make(model).setup(Y)
     loss = FastELBO()
-    name = f"{guide._pyro_name}.flow"
-    expected = {param_with_module_name(name, n) for n, _ in guide.flow.named_parameters()}
     for _ in range(2):  # the second time the store already holds every tensor
         with pyro.poutine.trace(param_only=True) as capture:
             loss.differentiable_loss(model, guide, Y)
+        name = guide._flow_param_prefix()  # "<guide>.flow[<sites>|<digest>]"
+        expected = {param_with_module_name(name, n) for n, _ in guide.flow.named_parameters()}
         assert expected <= set(capture.trace.nodes)

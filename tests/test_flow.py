@@ -100,7 +100,10 @@ def test_affine_first_puts_the_affine_layer_before_the_flow_layers(transform):
     last, first = (
         perturbed_flow(transform, dim=2, context_dim=3, affine_first=a) for a in (False, True)
     )
-    first.load_state_dict(last.state_dict())  # the same parameters
+    # the same parameters; the state dict records affine_first, so drop that record to load
+    # across orders deliberately
+    state = {k: v for k, v in last.state_dict().items() if k != "_extra_state"}
+    first.load_state_dict(state, strict=False)
     h = torch.randn(4, 3, dtype=torch.float64)
     t_last, t_first = last(h).transforms, first(h).transforms
     assert isinstance(t_last[-1], AffineTransform) and isinstance(t_first[0], AffineTransform)
@@ -282,3 +285,72 @@ def test_whole_flow_log_det_matches_jacobian(transform, context_dim, affine_firs
         base = dist.Normal(torch.zeros(3, dtype=torch.float64), 1.0).to_event(1).log_prob(eps)
         expected = base - torch.linalg.slogdet(jac)[1]
         assert torch.allclose(d.log_prob(z.detach()), expected, atol=1e-8)
+
+
+@pytest.mark.parametrize("transform", FAMILIES)
+def test_empty_context_batch_samples_and_scores_to_empty_results(transform):
+    flow = perturbed_flow(transform, dim=2, context_dim=3)
+    d = flow(torch.zeros(0, 3, dtype=torch.float64))
+    z = d.rsample()
+    assert z.shape == (0, 2)
+    assert d.log_prob(z).shape == (0,)
+    lp = d.log_prob(torch.zeros(0, 2, dtype=torch.float64))  # a value it did not sample
+    assert lp.shape == (0,) and lp.dtype == torch.float64
+    assert flow(torch.zeros(4, 0, 3, dtype=torch.float64)).log_prob(torch.zeros(2)).shape == (4, 0)
+    with pytest.raises(ValueError, match="event shape"):
+        d.log_prob(torch.zeros(0, 3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        dict(transform="radial"),  # 1-D planar and radial layers have the same raw shape
+        dict(transform="planar", affine_first=True),  # same tensors, another distribution
+    ],
+    ids=["family", "affine_first"],
+)
+def test_state_dict_of_another_kind_of_flow_is_refused(other):
+    target = Flow(1, "planar", 2)
+    before = {k: v.clone() for k, v in target.state_dict().items() if torch.is_tensor(v)}
+    source = Flow(1, num_transforms=2, **other)
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(1.0)
+    with pytest.raises(RuntimeError, match="another kind of flow"):
+        target.load_state_dict(source.state_dict())
+    after = target.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+@pytest.mark.parametrize("transform", FAMILIES)
+def test_failed_flow_load_state_dict_changes_nothing(transform):
+    source = perturbed_flow(transform, num_transforms=2)
+    target = Flow(2, transform, 2).double()
+    before = {k: v.clone() for k, v in target.state_dict().items() if torch.is_tensor(v)}
+    state = source.state_dict()
+    last = [k for k, v in state.items() if torch.is_tensor(v)][-1]
+    state[last] = torch.zeros(3, 3, dtype=torch.float64)  # a shape that fits nowhere
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        target.load_state_dict(state)
+    after = target.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_state_dict_values_stay_tensors_so_copying_them_keeps_working():
+    """The record goes into the state dict as a uint8 tensor, so the usual early-stopping idiom
+    (clone every value, later copy them back, as examples/vae.py does) works on a module that
+    holds a Flow, and the record survives a round trip through torch.save(weights_only=True)."""
+    model = torch.nn.ModuleDict({"encoder": torch.nn.Linear(3, 4), "flow": Flow(2, "iaf", 2, 4)})
+    state = model.state_dict()
+    assert all(torch.is_tensor(v) for v in state.values())
+    best = {k: v.detach().clone() for k, v in state.items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+        for k, v in model.state_dict().items():
+            v.copy_(best[k])
+    assert all(torch.equal(v, best[k]) for k, v in model.state_dict().items())
+    assert model["flow"].record()["transform"] == "iaf"
+    Flow(2, "iaf", 2, 4).load_state_dict(
+        {k[len("flow.") :]: v.to(torch.float16) for k, v in state.items() if k.startswith("flow.")}
+    )  # the record decodes whatever dtype a conversion gave it

@@ -21,6 +21,7 @@ linear map (Kingma et al. 2016, section 4), so the layer is conditional on it.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 
 import torch
@@ -78,6 +79,31 @@ def _activation(spec: str | Callable[[], nn.Module]) -> Callable[[], nn.Module]:
         )
     if not callable(spec):
         raise TypeError(f"activation must be a name or a module class, got {spec!r}")
+    if isinstance(spec, type):
+        if not issubclass(spec, nn.Module):
+            raise TypeError(
+                f"activation must be a name or a torch.nn.Module class, got the class {spec!r}"
+            )
+        return spec
+    # Any other callable must build a module when called with no argument (e.g. a
+    # functools.partial of a module class); a tensor function such as torch.tanh does not.
+    try:
+        made = spec()
+    except TypeError:
+        made = None
+    if not isinstance(made, nn.Module):
+        name = getattr(spec, "__name__", None)
+        hint = (
+            f"pass activation={name.lower()!r} or the module class"
+            if isinstance(name, str) and name.lower() in ACTIVATIONS
+            else "pass a module class such as torch.nn.Tanh, or a function returning a module"
+        )
+        what = f"the function {name}" if isinstance(name, str) else repr(spec)
+        raise TypeError(
+            f"activation must be a name, a torch.nn.Module class or a function that returns a "
+            f"module when called with no argument; got {what}, which does not build a module: "
+            f"{hint}"
+        )
     return spec
 
 
@@ -189,10 +215,8 @@ class MADE(nn.Module):
         if isinstance(num_params, bool) or not isinstance(num_params, int) or num_params < 1:
             raise ValueError(f"num_params must be a positive integer, got {num_params!r}")
         self.num_params = num_params
-        if len(hidden_dims) == 0 or any(int(h) < 1 for h in hidden_dims):
-            raise ValueError(
-                f"hidden_dims must be a non-empty list of positive ints, got {hidden_dims!r}"
-            )
+        self.fan_in_ref = fan_in_ref
+        hidden_dims = _check_hidden_dims(hidden_dims)
         self.dim = dim
         deg_in = torch.empty(dim, dtype=torch.long)
         deg_in[order] = torch.arange(1, dim + 1)
@@ -296,23 +320,41 @@ class AutoregressiveTransform(FlowTransform):
         return self.inverse_and_ladj(y)[0]
 
 
+def _check_hidden_dims(hidden_dims) -> tuple[int, ...]:
+    """``hidden_dims`` as a tuple of ints; refuses an int, an empty sequence and sizes that are
+    not positive integers (a float such as 2.7 or a bool)."""
+    if isinstance(hidden_dims, int):
+        raise TypeError(
+            f"hidden_dims must be a sequence of layer sizes, e.g. ({hidden_dims},) for one "
+            f"hidden layer of {hidden_dims} units; got the int {hidden_dims}"
+        )
+    try:
+        dims = tuple(hidden_dims)
+    except TypeError:
+        raise TypeError(
+            f"hidden_dims must be a sequence of layer sizes, got {hidden_dims!r}"
+        ) from None
+    if not dims or any(
+        isinstance(h, bool) or not isinstance(h, numbers.Integral) or h < 1 for h in dims
+    ):
+        raise ValueError(
+            f"hidden_dims must be a non-empty sequence of positive integers, got {hidden_dims!r}"
+        )
+    return tuple(int(h) for h in dims)
+
+
 def made_layout(
     dim: int, hidden_dims: Sequence[int] | None, order: Sequence[int] | Tensor | None
 ) -> tuple[tuple[int, ...], Tensor]:
     """Checked MADE hidden sizes and variable order of an autoregressive layer, with defaults.
 
     ``hidden_dims`` defaults to ``(default_hidden_size(dim),)``, i.e. ``(min(max(2 * dim, 16),
-    128),)``, and ``order`` to ``range(dim)``; an int for ``hidden_dims`` and an ``order`` that is
-    not a permutation are refused.
+    128),)``, and ``order`` to ``range(dim)``; an int for ``hidden_dims``, sizes that are not
+    positive integers and an ``order`` that is not a permutation are refused.
     """
-    if isinstance(hidden_dims, int):
-        raise TypeError(
-            f"hidden_dims must be a sequence of layer sizes, e.g. ({hidden_dims},) for one "
-            f"hidden layer of {hidden_dims} units; got the int {hidden_dims}"
-        )
-    if hidden_dims is None:
-        hidden_dims = (default_hidden_size(dim),)
-    hidden_dims = tuple(hidden_dims)
+    hidden_dims = (
+        (default_hidden_size(dim),) if hidden_dims is None else _check_hidden_dims(hidden_dims)
+    )
     order = torch.arange(dim) if order is None else torch.as_tensor(order, dtype=torch.long)
     if order.shape != (dim,) or not torch.equal(order.sort().values, torch.arange(dim)):
         raise ValueError(f"order must be a permutation of range({dim}), got {order.tolist()}")

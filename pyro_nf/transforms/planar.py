@@ -42,6 +42,22 @@ __all__ = ["Planar", "PlanarStackTransform", "PlanarTransform"]
 _LOG_E_MINUS_1 = math.log(math.e - 1.0)
 
 
+def _check_inverse_tol(inverse_tol: float | None) -> float | None:
+    """``inverse_tol`` if it is ``None`` or a positive finite number; else a ``ValueError``."""
+    if inverse_tol is None:
+        return None
+    if (
+        isinstance(inverse_tol, bool)
+        or not isinstance(inverse_tol, (int, float))
+        or not (math.isfinite(inverse_tol) and inverse_tol > 0)
+    ):
+        raise ValueError(
+            f"inverse_tol must be None (the default, 8 * eps of the dtype) or a positive finite "
+            f"number, got {inverse_tol!r}"
+        )
+    return float(inverse_tol)
+
+
 class PlanarTransform(FlowTransform):
     """Stateless planar map :math:`f(z) = z + \\hat u \\tanh(w^\\top z + b)`.
 
@@ -80,7 +96,7 @@ class PlanarTransform(FlowTransform):
         self.u_hat = u + ((self.wu_hat - wu) / w_sq).unsqueeze(-1) * w
         self.w = w
         self.b = b
-        self.inverse_tol = inverse_tol
+        self.inverse_tol = _check_inverse_tol(inverse_tol) if inverse_tol is not None else None
         self.inverse_max_iter = inverse_max_iter
 
     def call_and_ladj(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -203,7 +219,7 @@ class Planar(FlowModule):
 
     def __init__(self, dim: int, context_dim: int = 0, *, inverse_tol: float | None = None) -> None:
         super().__init__(dim, context_dim)
-        self.inverse_tol = inverse_tol
+        self.inverse_tol = _check_inverse_tol(inverse_tol)
         w = torch.randn(dim) / math.sqrt(dim)
         self._init_params(torch.cat([torch.zeros(dim), w, torch.zeros(1)]))
 
