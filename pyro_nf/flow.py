@@ -460,15 +460,6 @@ class Flow(nn.Module):
             + (", preconditioned" if self.precond_tril is not None else "")
         )
 
-
-def _check_name(name: str) -> str:
-    if not isinstance(name, str) or not name or "$$$" in name:
-        raise ValueError(
-            f"name must be a non-empty string without '$$$' (Pyro's module name divider), "
-            f"got {name!r}"
-        )
-    return name
-
     # -- state dict -----------------------------------------------------------------------
     def record(self) -> dict:
         """What this flow's parameters mean, as plain values: the record in its state dict.
@@ -534,3 +525,12 @@ def _check_name(name: str) -> str:
         under ``strict=True`` and loaded unchecked with ``strict=False``.
         """
         return load_state_dict_atomically(self, super().load_state_dict, state_dict, strict, assign)
+
+
+def _check_name(name: str) -> str:
+    if not isinstance(name, str) or not name or "$$$" in name:
+        raise ValueError(
+            f"name must be a non-empty string without '$$$' (Pyro's module name divider), "
+            f"got {name!r}"
+        )
+    return name

@@ -300,7 +300,8 @@ class AutoFlow(AutoContinuous):
         self.flow = flow
         # the name a Flow called inside a Pyro handler registers itself under: the guide's own
         # (the default "flow" would clash with a user's flow of that name)
-        flow.name = self._flow_param_prefix()
+        with self._pyro_context:  # (where the guide's full name is defined)
+            flow.name = self._flow_param_prefix()
 
     def _init_loc(self, device: torch.device | None = None) -> Tensor:
         """The latent vector at ``init_loc_fn``'s point, on ``device`` (the model's)."""

@@ -388,3 +388,20 @@ def test_autoguide_flow_is_not_registered_a_second_time():
 def test_bad_names_are_refused(bad):
     with pytest.raises(ValueError, match="name"):
         pyro_nf.Flow(D, "planar", 2, name=bad)
+
+
+def test_an_autoguides_flow_registers_under_the_guides_name_not_the_default():
+    """The guide's own flow, called inside a handler (here by ``median()`` under a trace), must
+    not take the default name ``"flow"`` from a user's flow in the same param store."""
+
+    def model():
+        pyro.sample("x", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+
+    guide = pyro_nf.AutoPlanarFlow(model, 2).setup()
+    user_flow = pyro_nf.Flow(2, "planar", 1)
+    with pyro.poutine.trace():
+        guide.median()
+        user_flow()  # takes "flow": no clash with the guide's flow
+    names = list(pyro.get_param_store().keys())
+    assert any(n.startswith("flow$$$") for n in names)
+    assert all(n.startswith(("flow$$$", "AutoPlanarFlow.flow[x|")) for n in names), names
