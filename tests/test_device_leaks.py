@@ -30,6 +30,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from device_params import CUDA
 from pyro.infer import SVI, Predictive, RenyiELBO, Trace_ELBO
 from pyro.infer.reparam import NeuTraReparam
 
@@ -54,15 +55,11 @@ def meta_default_device():
         yield
 
 
-_CUDA = [
-    pytest.mark.cuda,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-]
 #: where the model's tensors live, and torch's default device while the library runs
 PLACES = [
     pytest.param(("cpu", torch.float64), id="cpu-meta_default"),
-    pytest.param(("cuda", torch.float32), id="cuda-float32", marks=_CUDA),
-    pytest.param(("cuda", torch.float64), id="cuda-float64", marks=_CUDA),
+    pytest.param(("cuda", torch.float32), id="cuda-float32", marks=CUDA),
+    pytest.param(("cuda", torch.float64), id="cuda-float64", marks=CUDA),
 ]
 
 

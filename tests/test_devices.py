@@ -11,21 +11,12 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from device_params import DEVICES, needs_cuda
 from test_transforms import CASES, IDS, make_layer
 
 import pyro_nf
 from pyro_nf import Flow
 
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda",
-        marks=[
-            pytest.mark.cuda,
-            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-        ],
-    ),
-]
 DTYPES = [torch.float32, torch.float64]
 TOL = {torch.float32: 1e-4, torch.float64: 1e-9}
 
@@ -164,8 +155,7 @@ def _logistic(X, y):
         pyro.sample("y", dist.Bernoulli(logits=b + (X * w).sum(-1)), obs=y)
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@needs_cuda
 @pytest.mark.parametrize("cls", GUIDE_CLASSES, ids=lambda c: c.__name__)
 def test_a_mixed_device_model_runs_the_whole_workflow_on_cuda(cls):
     g = torch.Generator().manual_seed(0)
@@ -243,8 +233,7 @@ def test_a_setup_error_is_raised_again_on_the_next_call(cls):
             pyro_nf.fit(no_latents, guide, torch.tensor(0.5), num_steps=2, progress=False)
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@needs_cuda
 @pytest.mark.parametrize("first,then", [("cuda", "cpu"), ("cpu", "cuda")])
 def test_a_checkpoint_written_on_one_device_resumes_on_the_other(first, then, tmp_path):
     path = tmp_path / "fit.pt"
@@ -262,8 +251,7 @@ def test_a_checkpoint_written_on_one_device_resumes_on_the_other(first, then, tm
     assert {p.device.type for p in fresh.parameters()} == {then}
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@needs_cuda
 def test_a_resumed_fit_on_cuda_repeats_the_uninterrupted_one(tmp_path):
     x = torch.randn(30, 2, generator=torch.Generator().manual_seed(0)).cuda()
     y = x @ torch.tensor([1.0, -2.0], device="cuda") + 0.5

@@ -17,6 +17,7 @@ import pytest
 import torch
 from pyro.infer import Trace_ELBO
 from pyro.infer.autoguide import AutoNormal
+from test_workflow import Y, simple_model
 from torch.optim import SGD, Adam
 
 import pyro_nf
@@ -36,15 +37,6 @@ from pyro_nf.workflow import (
 )
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-Y = torch.tensor([0.5, 1.2, -0.3, 0.8, 2.1, 0.4])
-
-
-def simple_model(y):
-    mu = pyro.sample("mu", dist.Normal(0.0, 2.0))
-    s = pyro.sample("s", dist.LogNormal(0.0, 1.0))
-    with pyro.plate("n", len(y)):
-        pyro.sample("y", dist.Normal(mu, s), obs=y)
 
 
 def local_model(y):

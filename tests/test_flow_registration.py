@@ -11,6 +11,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from device_params import DEVICES
 from pyro.infer import SVI, Trace_ELBO
 from pyro.nn import PyroModule
 from pyro.optim import Adam
@@ -21,17 +22,6 @@ import pyro_nf
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 D, H, P, N = 2, 6, 5, 8  # latent, context, data sizes, datapoints
-
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda",
-        marks=[
-            pytest.mark.cuda,
-            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-        ],
-    ),
-]
 
 
 def _data():

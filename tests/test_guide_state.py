@@ -19,6 +19,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from device_params import DEVICES
 from pyro import poutine
 from pyro.infer import SVI, Predictive, Trace_ELBO
 from pyro.infer.autoguide import AutoNormal, init_to_feasible, init_to_value
@@ -33,16 +34,6 @@ SMALL = {
     AutoIAFFlow: dict(num_transforms=2, hidden_dims=(8,)),
     AutoSplineFlow: dict(num_transforms=2, hidden_dims=(8,), num_bins=4),
 }
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda",
-        marks=[
-            pytest.mark.cuda,
-            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-        ],
-    ),
-]
 parametrize_guides = pytest.mark.parametrize("cls", GUIDES, ids=lambda c: c.__name__)
 
 

@@ -14,6 +14,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from device_params import needs_cuda
 from pyro import poutine
 from pyro.distributions import constraints
 from pyro.distributions.transforms import OrderedTransform
@@ -34,8 +35,6 @@ SMALL = {
     AutoSplineFlow: dict(num_transforms=2, hidden_dims=(16,), num_bins=4),
 }
 F64 = torch.float64
-
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def _name(cls):
@@ -717,8 +716,7 @@ def test_render_guide(cls):
 # ---------------------------------------------------------------------------------------------
 # 10. CUDA
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.cuda
-@requires_cuda
+@needs_cuda
 @parametrize_guides
 @pytest.mark.parametrize("dtype", [torch.float32, F64], ids=["float32", "float64"])
 def test_cuda(cls, dtype):
