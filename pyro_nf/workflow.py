@@ -527,7 +527,9 @@ def _first_evaluation(
         warnings.warn(
             f"{type(loss).__name__} with {n} vectorized particles failed ({type(error).__name__}:"
             f" {_first_line(error)}), but the model evaluates with one particle: it does not "
-            f"broadcast over the particle plate. The {n} particles are evaluated one at a time "
+            "broadcast over the particle plate (or, with data on a GPU, a prior built from Python "
+            "numbers is expanded over that plate on the CPU: build it on the data's device, see "
+            f"the docs' 'Running on a GPU'). The {n} particles are evaluated one at a time "
             "with Trace_ELBO instead (the same estimator, slower). Pass "
             "vectorize_particles=False to choose this without the warning",
             stacklevel=3,
