@@ -38,6 +38,7 @@ from torch import Tensor
 from torch.distributions import biject_to
 
 from ._devices import model_device, site_values
+from ._messages import first_line
 from ._noncentering import NonCenteringTransform, hierarchical_normal_sites
 from .flow import (
     Flow,
@@ -551,7 +552,7 @@ class AutoFlow(AutoContinuous):
         cached = self.__dict__.get("_flow_prefix_cache")
         if cached is not None and cached[0] is trace and cached[1] == self._pyro_name:
             return cached[2]
-        sites = [(n, [int(d) for d in shape]) for n, shape in self._unconstrained_shapes.items()]
+        sites = self.record()["sites"]
         record = {
             "sites": sites,
             "flow": self._modules["flow"].record(),
@@ -955,11 +956,6 @@ def _subsampled_frame(site: dict):
     return None
 
 
-def _first_line(e: Exception) -> str:
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0] if lines else ''}"
-
-
 def _laplace(
     log_joint: Callable[[Tensor], Tensor], start: Tensor, max_iter: int, tol: float = 1e-3
 ) -> tuple[Tensor | None, Tensor | None, dict]:
@@ -1008,7 +1004,7 @@ def _laplace(
         try:
             opt.step(closure)
         except (ValueError, RuntimeError) as e:
-            return finish(None, None, f"the mode search failed ({_first_line(e)})")
+            return finish(None, None, f"the mode search failed ({first_line(e)})")
         info["iterations"] = opt.state[u].get("n_iter", 0)
         x = u.detach()
         if not torch.isfinite(x).all():
@@ -1022,7 +1018,7 @@ def _laplace(
                 hess = torch.autograd.functional.hessian(neg, x)
             except (ValueError, RuntimeError) as e:
                 return finish(None, None, f"the log density failed where the mode search ended "
-                              f"({_first_line(e)})")  # fmt: skip
+                              f"({first_line(e)})")  # fmt: skip
             if not (torch.isfinite(f) and torch.isfinite(g).all() and torch.isfinite(hess).all()):
                 return finish(None, None, "the log density or its derivatives are not finite "
                               "where the mode search ended (no finite mode?)")  # fmt: skip

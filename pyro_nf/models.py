@@ -39,6 +39,6 @@ def eight_schools_noncentered(y: torch.Tensor, sigma: torch.Tensor) -> None:
     mu = pyro.sample("mu", dist.Normal(y.new_tensor(0.0), 5.0))
     tau = pyro.sample("tau", dist.HalfCauchy(y.new_tensor(5.0)))
     with pyro.plate("school", len(y)):
-        theta_trans = pyro.sample("theta_trans", dist.Normal(y.new_zeros(()), 1.0))
+        theta_trans = pyro.sample("theta_trans", dist.Normal(y.new_tensor(0.0), 1.0))
         theta = pyro.deterministic("theta", mu + tau * theta_trans)
         pyro.sample("y", dist.Normal(theta, sigma), obs=y)

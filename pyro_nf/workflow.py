@@ -55,6 +55,7 @@ from ._checkpoint import CheckpointError
 from ._checkpoint import rng_state as _rng_state
 from ._checkpoint import save as _save_checkpoint
 from ._latents import check_unchanged as _check_latents_unchanged
+from ._messages import first_line
 from .fast import FastELBO
 from .guides import AutoFlow
 
@@ -525,8 +526,8 @@ def _first_evaluation(
             raise
         n = loss.num_particles
         warnings.warn(
-            f"{type(loss).__name__} with {n} vectorized particles failed ({type(error).__name__}:"
-            f" {_first_line(error)}), but the model evaluates with one particle: it does not "
+            f"{type(loss).__name__} with {n} vectorized particles failed ({first_line(error)}), "
+            "but the model evaluates with one particle: it does not "
             "broadcast over the particle plate (or, with data on a GPU, a prior built from Python "
             "numbers is expanded over that plate on the CPU: build it on the data's device, see "
             f"the docs' 'Running on a GPU'). The {n} particles are evaluated one at a time "
@@ -546,11 +547,6 @@ def _evaluates_with_one_particle(loss: ELBO, model, guide, args: tuple, kwargs: 
     except Exception:  # noqa: BLE001 - any failure here means the first error was not about particles
         return False
     return True
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else ""
 
 
 def _capture_loss(loss: ELBO, model, guide, args, kwargs) -> None:
