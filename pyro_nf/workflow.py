@@ -50,7 +50,7 @@ import pyro.poutine as poutine
 import torch
 from pyro.infer import ELBO, Trace_ELBO
 
-from . import _checkpoint
+from . import _checkpoint, _checks
 from ._checkpoint import CheckpointError
 from ._checkpoint import rng_state as _rng_state
 from ._checkpoint import save as _save_checkpoint
@@ -322,13 +322,13 @@ def _check_arguments(
         (max_bad_steps, "max_bad_steps"),
         (checkpoint_every, "checkpoint_every"),
     ]:
-        _check_positive_int(value, name)
+        _checks.integer(value, name)
     if stop_window is not None:
-        _check_positive_int(stop_window, "stop_window")
-    _check_number(lr, "lr", lower=0.0)
+        _checks.integer(stop_window, "stop_window")
+    _checks.number(lr, "lr", lower=0.0)
     if clip_norm is not None:
-        _check_number(clip_norm, "clip_norm", lower=0.0, hint=" (or None for no clipping)")
-    _check_number(stop_tol, "stop_tol", lower=0.0, strict=False)
+        _checks.number(clip_norm, "clip_norm", lower=0.0, hint=" (or None for no clipping)")
+    _checks.number(stop_tol, "stop_tol", lower=0.0, strict=False)
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
         raise ValueError(f"seed must be None or an integer, got {seed!r}")
     for value, name in [
@@ -359,26 +359,6 @@ def _check_arguments(
         checkpoint_every=checkpoint_every,
         resume=resume,
     )
-
-
-def _check_positive_int(value, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-def _check_number(value, name: str, *, lower: float, strict: bool = True, hint: str = "") -> None:
-    """A real number (not a bool) that is finite and above ``lower`` (or at it, if not strict)."""
-    ok = (
-        not isinstance(value, bool)
-        and isinstance(value, numbers.Real)
-        and math.isfinite(value)
-        and (value > lower if strict else value >= lower)
-    )
-    if not ok:
-        kind = (
-            "a positive finite number" if strict and lower == 0 else f"a finite number >= {lower}"
-        )
-        raise ValueError(f"{name} must be {kind}{hint}, got {value!r}")
 
 
 def _check_loss(loss) -> None:
