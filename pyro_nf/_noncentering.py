@@ -13,10 +13,14 @@ posterior.
 
 Both directions run the model once (blocked, its latents set, stopped after the last latent):
 :math:`\\mu_s, \\sigma_s` are the ``mean`` and ``stddev`` of the distribution the model builds at
-site :math:`s` from the values already set.
+site :math:`s` from the values already set. :class:`NonCenteringStart` is the part of
+:class:`~pyro_nf.AutoFlow` that builds the map.
 """
 
 from __future__ import annotations
+
+import math
+import warnings
 
 import torch
 from pyro import poutine
@@ -26,7 +30,7 @@ from torch.distributions import Independent, Normal, biject_to
 
 from .transforms.base import FlowTransform
 
-__all__ = ["NonCenteringTransform", "hierarchical_normal_sites"]
+__all__ = ["NonCenteringStart", "NonCenteringTransform", "hierarchical_normal_sites"]
 
 
 def _unwrap(fn):
@@ -109,7 +113,8 @@ class NonCenteringTransform(FlowTransform):
         self.sites = set(sites)
         self.nesting = int(nesting)
         self.get_args = get_args
-        self.order = [name for name, _ in guide.prototype_trace.iter_stochastic_nodes()]
+        self.sizes = {name: math.prod(shape) for name, shape in guide.record()["sites"]}
+        self.order = list(self.sizes)
         self.supports = {
             name: site["fn"].support for name, site in guide.prototype_trace.iter_stochastic_nodes()
         }
@@ -118,14 +123,14 @@ class NonCenteringTransform(FlowTransform):
         batch = x.shape[:-1]
         n = int(torch.Size(batch).numel())
         lat = x if not batch else x.reshape((n,) + (1,) * self.nesting + x.shape[-1:])
-        blocks = {site["name"]: v for site, v in self.guide._unpack_latent(lat)}
+        blocks = self.guide.unpack_latent(lat)
         setter = _SetLatents(blocks, self.sites, self.supports, inverse, self.order[-1])
         args, kwargs = self.get_args()
         # The batch sits left of the model's plates and broadcasts through them, with no plate of
         # its own: the caller may hold that dim already (a particle plate around the guide).
         try:
             with poutine.block(), setter:
-                self.guide._raw_model[0](*args, **kwargs)
+                self.guide.user_model(*args, **kwargs)
         except _Stop:
             pass
         missing = [name for name in self.order if name not in setter.out]
@@ -138,7 +143,7 @@ class NonCenteringTransform(FlowTransform):
         lead = (n,) if batch else ()
         parts, ladj = [], x.new_zeros(lead)
         for name in self.order:
-            size = self.guide._unconstrained_shapes[name].numel()
+            size = self.sizes[name]
             out = setter.out[name]
             if out.numel() != max(n, 1) * size:
                 raise RuntimeError(
@@ -160,3 +165,30 @@ class NonCenteringTransform(FlowTransform):
 
     def _inverse(self, y: Tensor) -> Tensor:
         return self._run(y, inverse=True)[0]
+
+
+class NonCenteringStart:
+    """Mixin of :class:`~pyro_nf.AutoFlow`: the ``noncentered=True`` map and its arguments."""
+
+    def _noncentering_start(self, loc: Tensor, args: tuple, kwargs: dict) -> Tensor:
+        """Find the hierarchical Normal sites, build the map; the start in its coordinates."""
+        sites = hierarchical_normal_sites(self, args, kwargs)
+        if not sites:
+            warnings.warn(
+                f"{type(self).__name__}(noncentered=True): the model has no Normal latent whose "
+                "location or scale depends on another latent; the guide is the plain one",
+                stacklevel=6,
+            )
+            return loc
+        self._model_args = (args, kwargs)
+        self.noncentering = NonCenteringTransform(
+            self, sites, self.plate_nesting(args, kwargs), lambda: self._model_args
+        )
+        with torch.no_grad():
+            return self.noncentering.inv(loc)
+
+    def remember_args(self, args: tuple, kwargs: dict) -> None:
+        """Keep the model arguments of the latest call (with any): the non-centring map runs
+        the model with them. Does nothing for a guide without the map."""
+        if self.noncentering is not None and (args or kwargs):
+            self._model_args = (args, kwargs)

@@ -94,12 +94,12 @@ class FastELBO(ELBO):
             if self.max_plate_nesting != float("inf"):
                 self._nesting[key] = int(self.max_plate_nesting)
             else:
-                self._nesting[key] = guide._model_plate_nesting(args, kwargs, model)
+                self._nesting[key] = guide.plate_nesting(args, kwargs, model)
         return self._nesting[key]
 
     def _sample_and_score(self, guide) -> Callable:
-        with guide._pyro_context:  # as inside guide(...): parameters registered with Pyro
-            flow = guide._synced_flow()
+        flow = guide.registered_flow()  # as inside guide(...): parameters registered with Pyro
+        like = _dtype_device(flow)
 
         def push(eps):
             return flow().push_and_log_prob(eps)
@@ -112,8 +112,7 @@ class FastELBO(ELBO):
 
         def sample_and_score(n: int):
             # The noise is drawn eagerly, so compiled or not the same random numbers are used.
-            p = flow.affine.raw
-            return push(torch.randn((n, flow.dim), dtype=p.dtype, device=p.device))
+            return push(torch.randn((n, flow.dim), **like))
 
         return sample_and_score
 
@@ -127,8 +126,7 @@ class FastELBO(ELBO):
     def _try_compile(self, push: Callable, flow) -> Callable:
         try:
             compiled = torch.compile(push, dynamic=False)
-            p = flow.affine.raw
-            compiled(torch.zeros((self.num_particles, flow.dim), dtype=p.dtype, device=p.device))
+            compiled(torch.zeros((self.num_particles, flow.dim), **_dtype_device(flow)))
             return compiled
         except Exception as e:  # noqa: BLE001 - any compiler failure: eager is always right
             warnings.warn(
@@ -144,10 +142,9 @@ class FastELBO(ELBO):
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
         """Negative ELBO estimate (a differentiable tensor), averaged over particles."""
         self._check(guide)
-        if guide.prototype_trace is None:
-            guide._setup_prototype(*args, **kwargs)
+        guide.setup(*args, **kwargs)
         nesting = self._plate_nesting(model, guide, args, kwargs)
-        guide._remember_args(args, kwargs)  # for the noncentered=True map, if any
+        guide.remember_args(args, kwargs)  # for the noncentered=True map, if any
         n = self.num_particles
         latent, log_q = self._sample_and_score(guide)(n)  # (n, D), (n,)
         if self.stl:
@@ -157,7 +154,7 @@ class FastELBO(ELBO):
         else:  # as under Trace_ELBO(vectorize_particles=True): a particle plate outermost
             latent = latent.reshape((n,) + (1,) * nesting + latent.shape[-1:])
         # log-Jacobians summed over particles and plates, like Delta sites
-        values, log_jac = guide._constrain_with_log_jacobian(latent)
+        values, log_jac = guide.constrain_with_log_jacobian(latent)
         conditioned = poutine.trace(poutine.condition(model, data=values))
         if n == 1:
             model_trace = conditioned.get_trace(*args, **kwargs)
@@ -177,3 +174,9 @@ class FastELBO(ELBO):
         loss = self.differentiable_loss(model, guide, *args, **kwargs)
         loss.backward()
         return float(loss.detach())
+
+
+def _dtype_device(flow) -> dict:
+    """The flow's dtype and device, as keywords for a new tensor."""
+    loc = flow.base_loc_scale()[0]
+    return {"dtype": loc.dtype, "device": loc.device}

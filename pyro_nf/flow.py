@@ -526,6 +526,29 @@ class Flow(nn.Module):
         """
         return load_state_dict_atomically(self, super().load_state_dict, state_dict, strict, assign)
 
+    # -- the affine base layer (how the autoguides start and read it) ----------------------
+    def set_base(self, loc: Tensor | float, scale: Tensor | float) -> Flow:
+        """Set the affine layer's location and scale in place (flows without context only).
+
+        With every other layer at the identity the flow is then
+        :math:`\\mathcal N(\\text{loc}, \\text{scale}^2)` (followed by the preconditioner, if
+        any). The parameters stay the same tensors, cast values are written into them. Returns
+        the flow.
+
+        Example:
+            >>> import torch
+            >>> flow = Flow(2, "radial", 2).set_base(torch.tensor([1.0, 2.0]), 0.5)
+            >>> flow.base_loc_scale()
+            (tensor([1., 2.]), tensor([0.5000, 0.5000]))
+        """
+        self.affine.set_loc_scale(loc, scale)
+        return self
+
+    def base_loc_scale(self) -> tuple[Tensor, Tensor]:
+        """The affine layer's current location and scale, detached (flows without context only);
+        they have the flow's dtype and device."""
+        return self.affine.loc, self.affine.scale
+
 
 def _check_name(name: str) -> str:
     if not isinstance(name, str) or not name or "$$$" in name:

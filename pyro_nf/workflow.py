@@ -169,51 +169,45 @@ def fit(
 ) -> FitResult:
     """Fit ``guide`` to ``model`` by stochastic variational inference.
 
-    Every argument is checked before anything runs; a bad one is refused with an error that
-    names it.
+    Every argument is checked before anything runs; a bad one is refused with an error naming it.
 
     Args:
-        model, guide: Pyro model and guide; ``*args, **kwargs`` are passed to both. A pyro_nf
-            flow autoguide that is already set up (called, ``setup()``, or fitted before) must
-            be fitted with arguments that give the model the same latent sites and shapes;
-            otherwise the fit is refused before its first step (build a new guide for other
-            data).
+        model, guide: Pyro model and guide; ``*args, **kwargs`` go to both. A pyro_nf flow
+            autoguide already set up (called, ``setup()``, fitted) must get arguments that give
+            the model the same latent sites and shapes, or the fit is refused before its first
+            step (build a new guide for other data).
         num_steps: total number of steps (a resumed fit counts the steps already taken).
         lr: learning rate, a positive finite number.
-        num_particles: Monte Carlo particles per step (vectorized when ``vectorize_particles``).
+        num_particles: Monte Carlo particles per step.
         vectorize_particles: evaluate the particles in one pass through a leading plate (the
-            model must broadcast over it); ``False`` evaluates them one at a time with
-            ``Trace_ELBO``.
-        loss: an ELBO instance to use instead of the default below; used as given.
-        fast: use :class:`~pyro_nf.fast.FastELBO` (same loss as ``Trace_ELBO``, without tracing
-            the guide; several times faster for flow guides). ``None`` (default): for pyro_nf
-            flow autoguides; ``True``: required; ``False``: never. Other guides use
-            ``Trace_ELBO``, and so does ``vectorize_particles=False`` with more than one particle
-            (FastELBO always vectorizes; ``fast=True`` then raises). With the default loss and
-            ``num_particles > 1`` vectorized, a model that fails on the particle plate but
-            evaluates with one particle gets its particles evaluated one at a time by
-            ``Trace_ELBO`` instead (the same estimator), with a warning; any other error is
-            raised as it is.
+            model must broadcast over it); ``False``: one at a time with ``Trace_ELBO``.
+        loss: an ELBO instance to use, as given, instead of the default below.
+        fast: use :class:`~pyro_nf.fast.FastELBO` (``Trace_ELBO``'s loss without tracing the
+            guide; several times faster). ``None`` (default): for pyro_nf flow autoguides;
+            ``True``: required; ``False``: never. Other guides use ``Trace_ELBO``, and so does
+            ``vectorize_particles=False`` with several particles (``fast=True`` then raises).
+            With the default loss, vectorized particles that the model fails on while it
+            evaluates with one particle are evaluated one at a time by ``Trace_ELBO`` instead
+            (the same estimator), with a warning; any other error is raised as it is.
         optimizer, optimizer_kwargs: a ``torch.optim`` optimizer class (or its name, any case:
             ``"adam"``, ``"sgd"``...) and extra arguments for it (not ``lr``). Adam and its
-            subclasses get a multi-tensor kernel unless ``optimizer_kwargs`` sets ``fused`` or
-            ``foreach``: fused on CUDA or with one CPU thread, ``foreach`` otherwise.
+            subclasses get the fused kernel on CUDA or with one CPU thread, ``foreach``
+            otherwise, unless ``optimizer_kwargs`` sets ``fused`` or ``foreach``.
         lr_schedule: ``None``, ``"exponential"`` (to 1% of ``lr`` at the last step), ``"cosine"``,
             or a callable ``step -> factor`` multiplying ``lr``.
-        clip_norm: clip the global gradient norm to this value (a positive finite number), or
-            ``None`` for no clipping.
-        stop_window, stop_tol: the stopping rule (module docs); off when ``stop_window`` is None.
+        clip_norm: clip the global gradient norm to this positive number; ``None``: no clipping.
+        stop_window, stop_tol: the stopping rule (module docs), off when ``stop_window`` is None;
             ``stop_tol`` is a finite number ``>= 0``.
         max_bad_steps: consecutive non-finite steps tolerated before :class:`FitError`.
         seed: seeds Pyro's random number generators (``pyro.set_rng_seed``) before the fit.
         progress: show a progress bar (tqdm) with the loss and its running mean.
-        checkpoint: file to save checkpoints to (and resume from when ``resume=True``). Its
-            folder must exist and be writable (checked before the first step).
+        checkpoint: file to save checkpoints to (and resume from with ``resume=True``), in an
+            existing, writable folder (checked before the first step).
         checkpoint_every: steps between checkpoints; the last step is always saved, and so is
-            the last finished step when a step fails or the fit is interrupted.
-        resume: continue from ``checkpoint``. The model, the guide (built the same way), the
-            optimizer and its settings must be those that wrote it; ``lr`` and ``lr_schedule``
-            may change. A mismatch is refused with :class:`CheckpointError`, which names it.
+            the last finished one when a step fails or the fit is interrupted.
+        resume: continue from ``checkpoint``, written by the same model, guide (built the same
+            way), optimizer and settings; ``lr`` and ``lr_schedule`` may change. A mismatch is
+            refused with :class:`CheckpointError`, which names it.
 
     Returns:
         :class:`FitResult` with one loss per step.
@@ -234,29 +228,15 @@ def fit(
         >>> len(result.losses), result.stopped
         (50, 'num_steps')
     """
-    settings = _check_arguments(
-        num_steps=num_steps,
-        lr=lr,
-        num_particles=num_particles,
-        vectorize_particles=vectorize_particles,
-        loss=loss,
-        fast=fast,
-        optimizer=optimizer,
-        optimizer_kwargs=optimizer_kwargs,
-        lr_schedule=lr_schedule,
-        clip_norm=clip_norm,
-        stop_window=stop_window,
-        stop_tol=stop_tol,
-        max_bad_steps=max_bad_steps,
-        seed=seed,
-        progress=progress,
-        checkpoint=checkpoint,
-        checkpoint_every=checkpoint_every,
-        resume=resume,
-    )
+    settings = _check_arguments(dict(locals()))  # first: locals() holds the arguments only
     loss, may_fall_back = _choose_loss(guide, loss, fast, num_particles, vectorize_particles)
     if seed is not None:
         pyro.set_rng_seed(seed)
+    return _fit(settings, loss, may_fall_back, model, guide, args, kwargs)
+
+
+def _fit(settings: _Settings, loss: ELBO, may_fall_back: bool, model, guide, args, kwargs):
+    """The fit once the arguments are checked and the loss chosen."""
     _check_latents_unchanged(model, guide, args, kwargs)
     loss, names = _first_evaluation(loss, may_fall_back, model, guide, args, kwargs)
     names, params = _collect_parameters(names)
@@ -294,70 +274,44 @@ class _Settings:
     resume: bool
 
 
-def _check_arguments(
-    *,
-    num_steps,
-    lr,
-    num_particles,
-    vectorize_particles,
-    loss,
-    fast,
-    optimizer,
-    optimizer_kwargs,
-    lr_schedule,
-    clip_norm,
-    stop_window,
-    stop_tol,
-    max_bad_steps,
-    seed,
-    progress,
-    checkpoint,
-    checkpoint_every,
-    resume,
-) -> _Settings:
-    """Check every argument of :func:`fit` (errors name the argument); the loop's settings."""
-    for value, name in [
-        (num_steps, "num_steps"),
-        (num_particles, "num_particles"),
-        (max_bad_steps, "max_bad_steps"),
-        (checkpoint_every, "checkpoint_every"),
-    ]:
-        _checks.integer(value, name)
-    if stop_window is not None:
-        _checks.integer(stop_window, "stop_window")
-    _checks.number(lr, "lr", lower=0.0)
-    if clip_norm is not None:
-        _checks.number(clip_norm, "clip_norm", lower=0.0, hint=" (or None for no clipping)")
-    _checks.number(stop_tol, "stop_tol", lower=0.0, strict=False)
+def _check_arguments(a: dict) -> _Settings:
+    """Check :func:`fit`'s arguments ``a`` (by name; errors name the argument); the loop's
+    settings."""
+    for name in ("num_steps", "num_particles", "max_bad_steps", "checkpoint_every"):
+        _checks.integer(a[name], name)
+    if a["stop_window"] is not None:
+        _checks.integer(a["stop_window"], "stop_window")
+    _checks.number(a["lr"], "lr", lower=0.0)
+    if a["clip_norm"] is not None:
+        _checks.number(a["clip_norm"], "clip_norm", lower=0.0, hint=" (or None for no clipping)")
+    _checks.number(a["stop_tol"], "stop_tol", lower=0.0, strict=False)
+    seed = a["seed"]
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
         raise ValueError(f"seed must be None or an integer, got {seed!r}")
-    for value, name in [
-        (vectorize_particles, "vectorize_particles"),
-        (progress, "progress"),
-        (resume, "resume"),
-    ]:
-        if not isinstance(value, bool):
-            raise TypeError(f"{name} must be True or False, got {value!r}")
-    if not (fast is None or isinstance(fast, bool)):
-        raise TypeError(f"fast must be None, True or False, got {fast!r}")
-    if loss is not None:
-        _check_loss(loss)
-    if resume and checkpoint is None:
+    for name in ("vectorize_particles", "progress", "resume"):
+        if not isinstance(a[name], bool):
+            raise TypeError(f"{name} must be True or False, got {a[name]!r}")
+    if not (a["fast"] is None or isinstance(a["fast"], bool)):
+        raise TypeError(f"fast must be None, True or False, got {a['fast']!r}")
+    if a["loss"] is not None:
+        _check_loss(a["loss"])
+    if a["resume"] and a["checkpoint"] is None:
         raise ValueError("resume=True needs checkpoint=PATH")
+    checkpoint = a["checkpoint"]
     return _Settings(
-        num_steps=num_steps,
-        lr=float(lr),
-        lr_factor=_lr_factor(lr_schedule, num_steps),
-        clip_norm=None if clip_norm is None else float(clip_norm),
-        stop_window=stop_window,
-        stop_tol=float(stop_tol),
-        max_bad_steps=max_bad_steps,
-        optimizer=_resolve_optimizer(optimizer),
-        optimizer_kwargs=_check_optimizer_kwargs(optimizer_kwargs),
-        progress=progress,
-        checkpoint=None if checkpoint is None else _checkpoint.check_path(checkpoint, resume),
-        checkpoint_every=checkpoint_every,
-        resume=resume,
+        num_steps=a["num_steps"],
+        lr=float(a["lr"]),
+        lr_factor=_lr_factor(a["lr_schedule"], a["num_steps"]),
+        clip_norm=None if a["clip_norm"] is None else float(a["clip_norm"]),
+        stop_window=a["stop_window"],
+        stop_tol=float(a["stop_tol"]),
+        max_bad_steps=a["max_bad_steps"],
+        optimizer=_resolve_optimizer(a["optimizer"]),
+        optimizer_kwargs=_check_optimizer_kwargs(a["optimizer_kwargs"]),
+        progress=a["progress"],
+        checkpoint=None if checkpoint is None else _checkpoint.check_path(checkpoint, a["resume"]),
+        checkpoint_every=a["checkpoint_every"],
+        resume=a["resume"],
     )
 
 

@@ -155,6 +155,28 @@ class Affine(FlowModule):
             )
         return self._split(self.raw.detach())
 
+    @torch.no_grad()
+    def set_loc_scale(self, loc: Tensor | float, scale: Tensor | float) -> Affine:
+        """Set :math:`\\mu` and :math:`\\sigma` in place (layers without context only).
+
+        The parameter tensor stays the same object (an optimizer or Pyro's param store holding
+        it sees the new values); ``loc`` and ``scale`` (positive) are scalars or of shape
+        ``(D,)`` and are cast to the parameter's dtype and device. Returns the layer.
+
+        Example:
+            >>> layer = Affine(2).set_loc_scale(torch.tensor([1.0, -1.0]), 0.5)
+            >>> layer.loc, layer.scale
+            (tensor([ 1., -1.]), tensor([0.5000, 0.5000]))
+        """
+        self._free()  # refuses a layer with a context
+        like = {"dtype": self.raw.dtype, "device": self.raw.device}
+        scale = torch.as_tensor(scale, **like).expand(self.dim)
+        if not (scale > 0).all():
+            raise ValueError("Affine.set_loc_scale: scale must be positive")
+        self.raw[: self.dim].copy_(torch.as_tensor(loc, **like).expand(self.dim))
+        self.raw[self.dim :].copy_(inverse_softplus(scale))
+        return self
+
     @property
     def loc(self) -> Tensor:
         """Current :math:`\\mu` (layers without context only)."""
