@@ -228,7 +228,7 @@ def fit(
         >>> len(result.losses), result.stopped
         (50, 'num_steps')
     """
-    settings = _check_arguments(dict(locals()))  # first: locals() holds the arguments only
+    settings = _check_arguments(**locals())  # first: locals() holds the arguments only
     loss, may_fall_back = _choose_loss(guide, loss, fast, num_particles, vectorize_particles)
     if seed is not None:
         pyro.set_rng_seed(seed)
@@ -274,8 +274,8 @@ class _Settings:
     resume: bool
 
 
-def _check_arguments(a: dict) -> _Settings:
-    """Check :func:`fit`'s arguments ``a`` (by name; errors name the argument); the loop's
+def _check_arguments(**a) -> _Settings:
+    """Check :func:`fit`'s arguments, given by name (errors name the argument); the loop's
     settings."""
     for name in ("num_steps", "num_particles", "max_bad_steps", "checkpoint_every"):
         _checks.integer(a[name], name)
