@@ -40,11 +40,12 @@ def model(x, y, idx=None, fail_at=None):
             raise ValueError("this rank's model fails on purpose")
     idx = torch.arange(len(x)) if idx is None else idx
     with pyro.plate("data", len(x), subsample=idx):
-        pyro.sample("y", dist.Bernoulli(logits=x[idx] @ w), obs=y[idx])
+        logits = (x[idx] * w).sum(-1)  # broadcasts over a batch of w (unlike x @ w)
+        pyro.sample("y", dist.Bernoulli(logits=logits), obs=y[idx])
 
 
-def my_rows():
-    start, stop = pd.local_range(N)
+def my_rows(n=N):
+    start, stop = pd.local_range(n)
     return torch.arange(start, stop)
 
 
@@ -60,10 +61,59 @@ def identical(out):
     result = pyro_nf.fit(
         model, guide, x, y, my_rows(), num_steps=30, lr=0.01, seed=1, distributed=True
     )
+    pyro.set_rng_seed(11)  # the same draws on every rank: the same answer
+    report = pyro_nf.diagnose(model, guide, x, y, num_samples=200)
     out["identical"] = {
         "losses": result.losses.tolist(),
         "all_equal": all(pd.all_equal(v) for v in params().values()),
         "num_params": len(params()),
+        "k_hat": float(report.k_hat),
+    }
+
+
+class VAE(torch.nn.Module):
+    """A tiny VAE with a flow posterior: encoder and decoder registered with pyro.module."""
+
+    def __init__(self, x_dim=6, z_dim=2, hidden=8):
+        super().__init__()
+        self.encoder = torch.nn.Sequential(torch.nn.Linear(x_dim, hidden), torch.nn.Tanh())
+        self.decoder = torch.nn.Linear(z_dim, x_dim)
+        self.flow = pyro_nf.Flow(z_dim, "iaf", 2, context_dim=hidden)
+        self.z_dim = z_dim
+
+    def model(self, x, idx):
+        pyro.module("decoder", self.decoder)
+        with pyro.plate("data", len(x), subsample=idx):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0).expand([self.z_dim]).to_event(1))
+            pyro.sample("x", dist.Normal(self.decoder(z), 0.5).to_event(1), obs=x[idx])
+
+    def guide(self, x, idx):
+        pyro.module("encoder", self.encoder)
+        with pyro.plate("data", len(x), subsample=idx):
+            pyro.sample("z", self.flow(self.encoder(x[idx])))
+
+
+def vae(out):
+    """The VAE use: a user-written guide with a Flow, trained on both ranks' blocks."""
+    pyro.clear_param_store()
+    torch.manual_seed(0)
+    x = torch.randn(64, 6)
+    net = VAE()
+    result = pyro_nf.fit(
+        net.model,
+        net.guide,
+        x,
+        my_rows(len(x)),
+        num_steps=15,
+        lr=0.01,
+        seed=2,
+        progress=False,
+        distributed=True,
+    )
+    out["vae"] = {
+        "losses": result.losses.tolist(),
+        "all_equal": all(pd.all_equal(v) for v in params().values()),
+        "names": sorted(params()),
     }
 
 
@@ -139,7 +189,7 @@ def main(folder: str) -> None:
     tdist.init_process_group("gloo", timeout=__import__("datetime").timedelta(seconds=60))
     rank = tdist.get_rank()
     out = {"rank": rank, "world_size": tdist.get_world_size()}
-    for scenario in (identical, one_step, failure):
+    for scenario in (identical, vae, one_step, failure):
         scenario(out)
     resume(out, folder)
     with open(os.path.join(folder, f"rank{rank}.json"), "w") as f:

@@ -54,6 +54,22 @@ def test_parameters_and_losses_identical_on_every_rank(ranks):
 
 @pytest.mark.distributed
 @pytest.mark.slow
+def test_diagnose_after_a_distributed_fit_is_the_same_on_every_rank(ranks):
+    assert ranks[0]["identical"]["k_hat"] == ranks[1]["identical"]["k_hat"]
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_a_vae_with_a_flow_posterior_trains_identically_on_every_rank(ranks):
+    for r in ranks:
+        assert r["vae"]["all_equal"]
+        assert any(n.startswith("encoder") for n in r["vae"]["names"])
+        assert any(n.startswith("flow") for n in r["vae"]["names"])  # the Flow registered itself
+    assert ranks[0]["vae"]["losses"] == ranks[1]["vae"]["losses"]
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_one_distributed_step_equals_one_step_on_all_the_rows(ranks):
     for r in ranks:
         assert r["one_step"]["max_abs_diff"] < 1e-5 * max(1.0, r["one_step"]["moved"])
