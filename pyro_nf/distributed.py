@@ -38,7 +38,6 @@ import torch.distributed as dist
 from . import _checks
 
 __all__ = [
-    "Group",
     "RankFailed",
     "epoch_batches",
     "is_launched",
@@ -52,7 +51,16 @@ _LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 class RankFailed(RuntimeError):
-    """Another rank's step raised: this rank stops too, instead of waiting for it forever."""
+    """Another rank's step raised: this rank stops too, instead of waiting for it forever.
+
+    :func:`pyro_nf.fit` raises it as the cause of its :class:`~pyro_nf.FitError` on every rank
+    but the failing one, whose own error is the cause there.
+
+    Example:
+        >>> from pyro_nf.distributed import RankFailed
+        >>> issubclass(RankFailed, RuntimeError)
+        True
+    """
 
 
 @dataclass(frozen=True)
@@ -75,14 +83,26 @@ class Group:
 
 
 def is_launched() -> bool:
-    """Whether a process group exists or a launcher has set the variables to make one."""
+    """Whether a process group exists or a launcher has set the variables to make one.
+
+    Example:
+        >>> import pyro_nf.distributed as pd
+        >>> pd.is_launched()  # a plain python process
+        False
+    """
     if not dist.is_available():
         return False
     return dist.is_initialized() or all(v in os.environ for v in _LAUNCHER_VARIABLES)
 
 
 def rank_and_world() -> tuple[int, int]:
-    """``(rank, world_size)`` of the current process group; ``(0, 1)`` outside one."""
+    """``(rank, world_size)`` of the current process group; ``(0, 1)`` outside one.
+
+    Example:
+        >>> import pyro_nf.distributed as pd
+        >>> pd.rank_and_world()
+        (0, 1)
+    """
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -96,8 +116,25 @@ def setup(device: torch.device | str | None = None, timeout: float = 1800.0) -> 
     answering (a crashed process); a rank whose step raises is reported at once (see
     :class:`RankFailed`).
 
+    Returns:
+        a ``Group`` with the ``rank``, ``world_size``, ``backend``, whether this call ``created``
+        the group, and the ``device`` of its small collectives.
+
     Raises:
         RuntimeError: no process group and no launcher variables; the message says how to launch.
+
+    Example:
+        A process group of one process (what ``torchrun --nproc_per_node=1`` would give); a fit
+        in it is a plain fit:
+
+        >>> import os, tempfile, torch.distributed as dist
+        >>> import pyro_nf.distributed as pd
+        >>> store = os.path.join(tempfile.mkdtemp(), "store")
+        >>> dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+        >>> group = pd.setup()
+        >>> group.rank, group.world_size, group.backend, group.created
+        (0, 1, 'gloo', False)
+        >>> dist.destroy_process_group()
     """
     _checks.number(timeout, "timeout")
     if not dist.is_available():
@@ -226,6 +263,11 @@ def local_range(num_data: int) -> tuple[int, int]:
     """``(start, stop)``: the contiguous block of ``range(num_data)`` that this rank owns.
 
     The blocks of all ranks partition the data; their sizes differ by at most one.
+
+    Example:
+        >>> import pyro_nf.distributed as pd
+        >>> pd.local_range(10)  # outside a process group: everything
+        (0, 10)
     """
     _checks.integer(num_data, "num_data")
     rank, world = rank_and_world()
@@ -243,6 +285,12 @@ def minibatch(num_data: int, batch_size: int, device: torch.device | str | None 
     (and checkpoints), so a resumed fit draws the same minibatches. Pass the result as a plate's
     ``subsample``: ``pyro.plate("data", num_data, subsample=idx)``. Outside a process group this
     draws from the whole data set.
+
+    Example:
+        >>> import pyro_nf.distributed as pd
+        >>> idx = pd.minibatch(1000, 5)
+        >>> idx.shape, bool((idx >= 0).all() and (idx < 1000).all()), len(set(idx.tolist()))
+        (torch.Size([5]), True, 5)
     """
     _checks.integer(batch_size, "batch_size")
     start, stop = local_range(num_data)
@@ -261,6 +309,11 @@ def epoch_batches(num_data: int, batch_size: int, epoch: int, seed: int = 0) -> 
     one block per rank (the last rows are dropped so every rank gets the same number of
     batches), and this rank's block is split into batches of ``batch_size`` (the last one may be
     shorter).
+
+    Example:
+        >>> import pyro_nf.distributed as pd
+        >>> [len(b) for b in pd.epoch_batches(10, 4, epoch=0)]
+        [4, 4, 2]
     """
     _checks.integer(num_data, "num_data")
     _checks.integer(batch_size, "batch_size")
