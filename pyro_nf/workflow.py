@@ -212,7 +212,8 @@ def fit(
         seed: seeds Pyro's random number generators (``pyro.set_rng_seed``) before the fit.
         progress: show a progress bar (tqdm) with the loss and its running mean.
         checkpoint: file to save checkpoints to (and resume from when ``resume=True``). Its
-            folder must exist and be writable (checked before the first step).
+            folder must exist and be writable, and without ``resume`` the file must not exist
+            yet: an earlier fit's checkpoint is never overwritten (checked before the first step).
         checkpoint_every: steps between checkpoints; the last step is always saved, and so is
             the last finished step when a step fails or the fit is interrupted.
         resume: continue from ``checkpoint``. The model, the guide (built the same way), the
