@@ -62,7 +62,8 @@ def check_path(path: str | os.PathLike, resume: bool) -> str:
     """The checkpoint path as a string, refused now if a save there would fail later.
 
     The folder must exist and be writable, and the path must not be a folder. With ``resume``
-    the file must exist.
+    the file must exist; without it, it must not (a new fit never overwrites an earlier fit's
+    checkpoint).
     """
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"checkpoint must be a file path (str or os.PathLike), got {path!r}")
@@ -86,6 +87,12 @@ def check_path(path: str | os.PathLike, resume: bool) -> str:
         ) from e
     if resume and not os.path.exists(path):
         raise FileNotFoundError(f"resume=True but there is no checkpoint at {path!r}")
+    if not resume and os.path.exists(path):
+        raise FileExistsError(
+            f"checkpoint={path!r} already exists: pass resume=True to continue that fit, or "
+            "delete the file (or choose another path) to start a new one; fit does not "
+            "overwrite an earlier fit's checkpoint"
+        )
     return path
 
 

@@ -36,6 +36,7 @@ and ``pyro_nf._checkpoint``), the latent-site check (``pyro_nf._latents``) and t
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import os
@@ -51,9 +52,11 @@ import torch
 from pyro.infer import ELBO, Trace_ELBO
 
 from . import _checkpoint, _checks
+from . import distributed as _distributed
 from ._checkpoint import CheckpointError
 from ._checkpoint import rng_state as _rng_state
 from ._checkpoint import save as _save_checkpoint
+from ._checkpoint import set_rng_state as _set_rng_state
 from ._latents import check_unchanged as _check_latents_unchanged
 from ._messages import first_line
 from .fast import FastELBO
@@ -165,6 +168,7 @@ def fit(
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 500,
     resume: bool = False,
+    distributed: bool = False,
     **kwargs,
 ) -> FitResult:
     """Fit ``guide`` to ``model`` by stochastic variational inference.
@@ -202,12 +206,22 @@ def fit(
         seed: seeds Pyro's random number generators (``pyro.set_rng_seed``) before the fit.
         progress: show a progress bar (tqdm) with the loss and its running mean.
         checkpoint: file to save checkpoints to (and resume from with ``resume=True``), in an
-            existing, writable folder (checked before the first step).
+            existing, writable folder; without ``resume`` the file must not exist yet (an earlier
+            fit's checkpoint is never overwritten). Checked before the first step.
         checkpoint_every: steps between checkpoints; the last step is always saved, and so is
             the last finished one when a step fails or the fit is interrupted.
         resume: continue from ``checkpoint``, written by the same model, guide (built the same
             way), optimizer and settings; ``lr`` and ``lr_schedule`` may change. A mismatch is
             refused with :class:`CheckpointError`, which names it.
+        distributed: fit data-parallel over the ranks of a ``torch.distributed`` process group
+            (:doc:`/scaling`): the one ``torchrun`` describes, or one the caller initialized.
+            Each rank fits on its own shard of the data; the parameters start as rank 0's, the
+            gradients and the loss are averaged over the ranks at every step, each rank draws
+            its own reproducible random numbers (from ``seed`` and its rank), rank 0 alone shows
+            progress and writes checkpoints (with every rank's random-number state, so
+            ``resume=True`` on the same number of ranks continues exactly), and every rank
+            returns the same losses. A step that raises on one rank stops every rank with a
+            :class:`FitError`. Without a process group or launcher variables: ``RuntimeError``.
 
     Returns:
         :class:`FitResult` with one loss per step.
@@ -230,26 +244,45 @@ def fit(
     """
     settings = _check_arguments(**locals())  # first: locals() holds the arguments only
     loss, may_fall_back = _choose_loss(guide, loss, fast, num_particles, vectorize_particles)
-    if seed is not None:
-        pyro.set_rng_seed(seed)
     return _fit(settings, loss, may_fall_back, model, guide, args, kwargs)
 
 
 def _fit(settings: _Settings, loss: ELBO, may_fall_back: bool, model, guide, args, kwargs):
     """The fit once the arguments are checked and the loss chosen."""
-    _check_latents_unchanged(model, guide, args, kwargs)
-    loss, names = _first_evaluation(loss, may_fall_back, model, guide, args, kwargs)
-    names, params = _collect_parameters(names)
+    group = None
+    if settings.distributed:
+        group = _distributed.setup(_distributed.data_device(args, kwargs))
+    _seed(settings.seed, group)
+    with _distributed.all_or_none(group, "setting up the guide"):
+        _check_latents_unchanged(model, guide, args, kwargs)
+        loss, names = _first_evaluation(loss, may_fall_back, model, guide, args, kwargs)
+        names, params = _collect_parameters(names)
+        if group is not None:
+            _distributed.start_identical(names, params)
     opt = _make_optimizer(settings.optimizer, params, settings.lr, settings.optimizer_kwargs)
+    averager = None if group is None else _distributed.Averager(group, params)
     stepper = _Stepper(
         loss, model, guide, args, kwargs, opt, names, params, settings.lr_factor, settings.clip_norm
     )
+    stepper.averager = averager
     saver = None
     if settings.checkpoint is not None:
         owner = _checkpoint.owner(guide, opt)
-        saver = _Checkpointer(settings.checkpoint, owner, names, params, opt)
-    run = saver.resume() if settings.resume else _Run()
-    return _loop(run, settings, stepper, saver, guide)
+        saver = _Checkpointer(settings.checkpoint, owner, names, params, opt, group)
+    with _distributed.all_or_none(group, "resuming from the checkpoint"):
+        run = saver.resume() if settings.resume else _Run()
+    if group is not None and group.rank != 0:
+        settings = dataclasses.replace(settings, progress=False)
+    return _loop(run, settings, stepper, saver, guide, group)
+
+
+def _seed(seed: int | None, group) -> None:
+    """Seed Pyro's generators: with ``seed``; in a distributed fit, each rank differently."""
+    if group is None:
+        if seed is not None:
+            pyro.set_rng_seed(seed)
+        return
+    pyro.set_rng_seed(_distributed.rank_seed(_distributed.shared_seed(seed), group.rank))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -272,6 +305,8 @@ class _Settings:
     checkpoint: str | None
     checkpoint_every: int
     resume: bool
+    seed: int | None = None
+    distributed: bool = False
 
 
 def _check_arguments(**a) -> _Settings:
@@ -288,7 +323,7 @@ def _check_arguments(**a) -> _Settings:
     seed = a["seed"]
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
         raise ValueError(f"seed must be None or an integer, got {seed!r}")
-    for name in ("vectorize_particles", "progress", "resume"):
+    for name in ("vectorize_particles", "progress", "resume", "distributed"):
         if not isinstance(a[name], bool):
             raise TypeError(f"{name} must be True or False, got {a[name]!r}")
     if not (a["fast"] is None or isinstance(a["fast"], bool)):
@@ -312,6 +347,8 @@ def _check_arguments(**a) -> _Settings:
         checkpoint=None if checkpoint is None else _checkpoint.check_path(checkpoint, a["resume"]),
         checkpoint_every=a["checkpoint_every"],
         resume=a["resume"],
+        seed=seed,
+        distributed=a["distributed"],
     )
 
 
@@ -577,6 +614,7 @@ class _Stepper:
         self.args, self.kwargs = args, kwargs
         self.optimizer, self.names, self.params = optimizer, names, params
         self.lr_factor, self.clip_norm = lr_factor, clip_norm
+        self.averager = None  # a distributed fit's gradient averaging (pyro_nf.distributed)
         # The lrs fit was called with: a resumed optimizer state does not replace them.
         self.base_lrs = [group["lr"] for group in optimizer.param_groups]
 
@@ -585,7 +623,14 @@ class _Stepper:
         for group, base in zip(self.optimizer.param_groups, self.base_lrs):
             group["lr"] = base * factor
         self.optimizer.zero_grad(set_to_none=True)
-        value = _loss_and_backward(self.loss, self.model, self.guide, self.args, self.kwargs)
+        try:
+            value = _loss_and_backward(self.loss, self.model, self.guide, self.args, self.kwargs)
+        except Exception:
+            if self.averager is not None:  # tell the other ranks, which would wait for us
+                self.averager(float("nan"), failed=True)
+            raise
+        if self.averager is not None:
+            value = self.averager(value, failed=False)
         bad_grads = _non_finite_grads(self.names, self.params) if math.isfinite(value) else []
         outcome = _Outcome(value, bad_grads)
         if outcome.finite:
@@ -686,12 +731,24 @@ class _Run:
 class _Checkpointer:
     """Saves a fit's state to ``path`` (see :mod:`pyro_nf._checkpoint`) and resumes from it."""
 
-    def __init__(self, path: str, owner: dict, names, params, optimizer) -> None:
+    def __init__(self, path: str, owner: dict, names, params, optimizer, group=None) -> None:
         self.path, self.owner = path, owner
         self.names, self.params, self.optimizer = names, params, optimizer
+        self.group = group  # a distributed fit's process group: rank 0 writes
 
     def save(self, run: _Run, rng: dict | None = None) -> None:
-        """Save ``run`` as it is (with ``rng``, the random-number states at ``run.step``)."""
+        """Save ``run`` as it is (with ``rng``, the random-number states at ``run.step``).
+
+        In a distributed fit every rank calls this at the same step: rank 0 gathers every
+        rank's random-number states and writes the file; the other ranks write nothing.
+        """
+        rng = rng if rng is not None else _rng_state()
+        ranks = {}
+        if self.group is not None:
+            states = _distributed.gather_objects(rng)
+            if self.group.rank != 0:
+                return
+            ranks = {"world_size": self.group.world_size, "rng_ranks": states}
         _save_checkpoint(
             self.path,
             {
@@ -702,14 +759,18 @@ class _Checkpointer:
                 "optimizer": self.optimizer.state_dict(),
                 "losses": torch.tensor(run.losses, dtype=torch.float64, device="cpu"),
                 "skipped": list(run.skipped),
-                "rng": rng if rng is not None else _rng_state(),
+                "rng": rng,
+                **ranks,
             },
         )
 
     def resume(self) -> _Run:
         """Load the checkpoint into the parameters, optimizer and generators; its run so far."""
         ckpt = _checkpoint.load(self.path)
+        _distributed.check_checkpoint_ranks(ckpt, self.path, self.group)
         _checkpoint.restore(ckpt, self.path, self.owner, self.names, self.params, self.optimizer)
+        if self.group is not None:
+            _set_rng_state(ckpt["rng_ranks"][self.group.rank])
         step = int(ckpt["step"])
         return _Run(
             losses=ckpt["losses"].tolist(),
@@ -723,7 +784,12 @@ class _Checkpointer:
 # The loop
 # ------------------------------------------------------------------------------------------------
 def _loop(
-    run: _Run, settings: _Settings, stepper: _Stepper, saver: _Checkpointer | None, guide
+    run: _Run,
+    settings: _Settings,
+    stepper: _Stepper,
+    saver: _Checkpointer | None,
+    guide,
+    group=None,
 ) -> FitResult:
     """Take steps until ``num_steps``, the stopping rule, Ctrl-C or an error.
 
@@ -763,7 +829,7 @@ def _loop(
         run.stopped = "interrupted"
         if len(run.losses) > run.step:  # the step had finished; only its count was missing
             run.step = len(run.losses)
-        elif in_step and saver is not None:  # the step never reached the optimizer: not begun
+        elif in_step and saver is not None and group is None:  # the step never began
             _save_or_fail(saver, run, guide, rng_before_step)
             saved = True
         warnings.warn(
@@ -772,6 +838,8 @@ def _loop(
     finally:
         if bar is not None:
             bar.close()
+    if group is not None and run.stopped == "interrupted":
+        saved = True  # the ranks stop at different points: the last periodic checkpoint stands
     if not saved and (run.step % settings.checkpoint_every != 0 or run.stopped != "num_steps"):
         _save_or_fail(saver, run, guide)
     return run.result(guide)

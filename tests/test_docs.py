@@ -1,6 +1,7 @@
 """The documentation stays complete and true.
 
-* Every public name (``pyro_nf.__all__``, ``pyro_nf.transforms.__all__``) is in the API reference
+* Every public name (``__all__`` of ``pyro_nf``, ``pyro_nf.transforms``, ``pyro_nf.distributed``) is
+  in the API reference
   (``docs/api.rst``), and every name listed there exists: a new public name without docs fails.
 * Every public class and function has a docstring with a ``>>>`` example (the examples themselves
   run through ``--doctest-modules``, see pyproject.toml).
@@ -22,13 +23,16 @@ import pytest
 import torch
 
 import pyro_nf
+import pyro_nf.distributed
 import pyro_nf.transforms
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
-PUBLIC = {f"pyro_nf.{name}" for name in pyro_nf.__all__} | {
-    f"pyro_nf.transforms.{name}" for name in pyro_nf.transforms.__all__
-}
+PUBLIC = (
+    {f"pyro_nf.{name}" for name in pyro_nf.__all__}
+    | {f"pyro_nf.transforms.{name}" for name in pyro_nf.transforms.__all__}
+    | {f"pyro_nf.distributed.{name}" for name in pyro_nf.distributed.__all__}
+)
 
 
 def _documented_names(rst: str) -> set[str]:

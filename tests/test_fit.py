@@ -331,7 +331,7 @@ def test_check_arguments_normalizes_the_settings(tmp_path):
         num_steps=10, lr=1, num_particles=1, vectorize_particles=True, loss=None, fast=None,
         optimizer="sgd", optimizer_kwargs=None, lr_schedule="cosine", clip_norm=2,
         stop_window=None, stop_tol=0, max_bad_steps=3, seed=None, progress=False,
-        checkpoint=tmp_path / "ck.pt", checkpoint_every=5, resume=False,
+        checkpoint=tmp_path / "ck.pt", checkpoint_every=5, resume=False, distributed=False,
     )  # fmt: skip
     assert settings.optimizer is torch.optim.SGD and settings.optimizer_kwargs == {}
     assert isinstance(settings.lr, float) and settings.clip_norm == 2.0
@@ -369,6 +369,7 @@ def reordered_sites(y):
 
 def _checkpoint_of(tmp_path, model=two_sites, make_guide=planar, **kwargs):
     path = tmp_path / "ck.pt"
+    path.unlink(missing_ok=True)  # a new fit: fit refuses to overwrite an earlier one's file
     quiet_fit(model, make_guide(model), torch.tensor(1.0), num_steps=4, checkpoint=path, **kwargs)
     pyro.clear_param_store()
     return path
@@ -377,6 +378,15 @@ def _checkpoint_of(tmp_path, model=two_sites, make_guide=planar, **kwargs):
 def _resume(path, model=two_sites, make_guide=planar, **kwargs):
     return quiet_fit(model, make_guide(model), torch.tensor(1.0), num_steps=8, checkpoint=path,
                      resume=True, **kwargs)  # fmt: skip
+
+
+def test_a_new_fit_refuses_to_overwrite_an_earlier_fits_checkpoint(tmp_path):
+    path = _checkpoint_of(tmp_path)
+    before = path.read_bytes()
+    with pytest.raises(FileExistsError, match="already exists: pass resume=True"):
+        quiet_fit(two_sites, planar(two_sites), torch.tensor(1.0), num_steps=4, checkpoint=path)
+    assert path.read_bytes() == before
+    _resume(path)  # and the earlier fit continues
 
 
 def test_checkpoint_records_the_guide_the_latent_sites_and_the_optimizer(tmp_path):
@@ -742,7 +752,7 @@ def _settings(**overrides):
         num_steps=10, lr=0.1, num_particles=1, vectorize_particles=True, loss=None, fast=None,
         optimizer="sgd", optimizer_kwargs=None, lr_schedule=None, clip_norm=None,
         stop_window=None, stop_tol=1e-3, max_bad_steps=3, seed=None, progress=False,
-        checkpoint=None, checkpoint_every=500, resume=False,
+        checkpoint=None, checkpoint_every=500, resume=False, distributed=False,
     )  # fmt: skip
     return _check_arguments(**{**base, **overrides})
 
