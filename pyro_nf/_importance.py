@@ -283,8 +283,8 @@ def pareto_smooth(log_weights: np.ndarray, r_eff: float = 1.0) -> tuple[np.ndarr
 
 def psis(log_weights: np.ndarray) -> tuple[np.ndarray, float]:
     """PSIS of one vector of log-weights: ``(smoothed log-weights normalized to sum to one,
-    k_hat)``, by the installed ArviZ (0.x :func:`arviz.psislw`, 1.x :func:`arviz_stats.psislw`)
-    or, with neither, :func:`pareto_smooth`. ArviZ's warnings on small samples and large
+    k_hat)``, by the installed ArviZ (0.x: ``arviz.psislw``; 1.x: ``arviz_stats``, see
+    :func:`_arviz_stats_psislw`) or, with neither, :func:`pareto_smooth`. ArviZ's warnings on small samples and large
     :math:`\\hat k` are silenced: the caller reports :math:`\\hat k` itself."""
     lw = np.array(log_weights, dtype=float).reshape(-1)
     line = arviz_line()

@@ -11,7 +11,7 @@ time for models that do not vectorize; the machinery is in :mod:`pyro_nf._import
 * the ELBO :math:`\\frac1S \\sum_s \\log w_s` and the importance-weighted bound (IWAE, Burda et
   al. 2016) :math:`\\log \\frac1S \\sum_s w_s`, each with a standard error;
 * the Pareto-smoothed importance sampling shape :math:`\\hat k` (Vehtari et al. 2024, by
-  ArviZ's ``psislw`` -- :func:`arviz.psislw` on ArviZ 0.x, :func:`arviz_stats.psislw` on 1.x --
+  ArviZ's PSIS -- ``arviz.psislw`` on ArviZ 0.x, ``arviz_stats``' ``psislw`` on 1.x --
   or, without ArviZ, by pyro_nf's own smoothing on :func:`pyro.ops.stats.fit_generalized_pareto`),
   read with the thresholds of Yao et al. (2018): :math:`\\hat k < 0.5` good,
   :math:`0.5 \\le \\hat k \\le 0.7` use with care, :math:`\\hat k > 0.7` do not trust;
