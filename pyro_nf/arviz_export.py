@@ -35,9 +35,10 @@ def _dims(name: str, site: dict) -> list[str]:
 
 
 def _num_chains(num_samples: int, num_chains: int | None) -> int:
-    """``num_chains`` checked against ``num_samples``; ``None``: 4, 2 or 1, whichever divides."""
+    """``num_chains`` checked against ``num_samples``; ``None``: 4 or 2 chains when that divides
+    ``num_samples`` into chains of at least 4 draws (the fewest ArviZ's R-hat accepts), else 1."""
     if num_chains is None:
-        return next(c for c in (4, 2, 1) if num_samples % c == 0)
+        return next((c for c in (4, 2) if num_samples % c == 0 and num_samples >= 4 * c), 1)
     _checks.integer(num_chains, "num_chains")
     if num_samples % num_chains:
         raise ValueError(
@@ -124,8 +125,8 @@ def to_inference_data(
 
     Chains: the ``num_samples`` draws are independent, and they are split, in the order drawn,
     into ``num_chains`` "chains" of equal length (``chain`` x ``draw`` = ``num_samples``). By
-    default that is 4 chains (2 or 1 when ``num_samples`` is not a multiple of 4), so ArviZ's
-    multi-chain checks apply: ``arviz.summary`` reports ESS and an R-hat near 1 instead of
+    default that is 4 chains, or 2 when ``num_samples`` is not a multiple of 4 (each of at least
+    4 draws; else 1 chain), so ArviZ's multi-chain checks apply: ``arviz.summary`` reports ESS and an R-hat near 1 instead of
     warning about a single chain. ``num_chains`` must divide ``num_samples``.
 
     With ``resample=True`` the draws are importance-resampled (with replacement) by their

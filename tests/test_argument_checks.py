@@ -74,4 +74,4 @@ def test_to_inference_data_resampling_needs_two_draws():
     with pytest.raises(ValueError, match="resample=True.*num_samples >= 2"):
         pyro_nf.to_inference_data(model, guide, num_samples=1, resample=True)
     idata = pyro_nf.to_inference_data(model, guide, num_samples=2, resample=True, seed=0)
-    assert idata.posterior["a"].shape == (2, 1)
+    assert idata.posterior["a"].shape == (1, 2)

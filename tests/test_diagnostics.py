@@ -553,8 +553,8 @@ def test_chains_are_the_draws_in_order():
         three.sample_stats["log_weight"].values.reshape(60),
         one.sample_stats["log_weight"].values[0],
     )
-    # the default: 4 chains, else 2, else 1
-    for n, chains in ((40, 4), (30, 2), (15, 1)):
+    # the default: 4 chains, else 2, else 1; never fewer than 4 draws in a chain of several
+    for n, chains in ((40, 4), (30, 2), (15, 1), (12, 2), (6, 1)):
         assert to_inference_data(conjugate_model, guide, Y_VEC, num_samples=n).posterior[
             "mu"
         ].shape[:2] == (chains, n // chains)
