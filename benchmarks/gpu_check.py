@@ -135,7 +135,7 @@ def step_eight_schools(device: str, fit_steps: int) -> None:
             devices |= {v.device.type for v in draws.values()}
             devices |= {v.device.type for v in list(med.values()) + list(q.values())}
             devices |= {lp.device.type}
-            assert idata.posterior["mu"].shape == (1, 200)
+            assert idata.posterior["mu"].shape == (4, 50)  # 200 draws as 4 chains
             print(
                 f"| {model_name} | {name} | {r.seconds_per_step:.4f} | "
                 f"{draws['mu'].mean().item():.2f} | {med['tau'].item():.2f} | {d.k_hat:.2f} | "

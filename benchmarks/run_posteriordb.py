@@ -349,7 +349,11 @@ def run_one(path: str, posterior: str, guide: str, seed: int, s: Settings) -> di
         d = pyro_nf.diagnose(model, g, data, num_samples=s.elbo_samples)
         record.update(k_hat=d.k_hat, elbo=d.elbo, elbo_se=d.elbo_se, iw_elbo=d.iw_elbo)
         idata = pyro_nf.to_inference_data(model, g, data, num_samples=s.samples)
-        samples = {k: np.asarray(v)[0] for k, v in idata.posterior.data_vars.items()}
+        # every draw: the chains are consecutive blocks of the independent draws
+        samples = {
+            k: np.asarray(v).reshape((-1,) + v.shape[2:])
+            for k, v in idata.posterior.data_vars.items()
+        }
         with torch.no_grad():
             draws = spec.to_reference(samples, data)
         record.update(marginal_metrics(draws, ref))

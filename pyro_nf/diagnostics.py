@@ -6,12 +6,14 @@ Every check here starts from the importance log-weights of draws from the guide,
     \\log w_s = \\log p(x, z_s) - \\log q(z_s), \\qquad z_s \\sim q,
 
 computed in chunks of draws vectorized through a ``pyro.plate`` (falling back to one draw at a
-time for models that do not vectorize). From them:
+time for models that do not vectorize; the machinery is in :mod:`pyro_nf._importance`). From them:
 
 * the ELBO :math:`\\frac1S \\sum_s \\log w_s` and the importance-weighted bound (IWAE, Burda et
   al. 2016) :math:`\\log \\frac1S \\sum_s w_s`, each with a standard error;
-* the Pareto-smoothed importance sampling shape :math:`\\hat k` (Vehtari et al. 2015, via
-  :func:`arviz.psislw`), read with the thresholds of Yao et al. (2018): :math:`\\hat k < 0.5` good,
+* the Pareto-smoothed importance sampling shape :math:`\\hat k` (Vehtari et al. 2024, by
+  ArviZ's PSIS -- ``arviz.psislw`` on ArviZ 0.x, ``arviz_stats``' ``psislw`` on 1.x --
+  or, without ArviZ, by pyro_nf's own smoothing on :func:`pyro.ops.stats.fit_generalized_pareto`),
+  read with the thresholds of Yao et al. (2018): :math:`\\hat k < 0.5` good,
   :math:`0.5 \\le \\hat k \\le 0.7` use with care, :math:`\\hat k > 0.7` do not trust;
 * the importance-sampling effective sample size :math:`(\\sum w)^2 / \\sum w^2`.
 """
@@ -19,17 +21,13 @@ time for models that do not vectorize). From them:
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
-import pyro
-import pyro.poutine as poutine
 import torch
-from pyro.poutine.util import site_is_subsample
 
-from ._devices import model_device, site_values
+from ._importance import draw, psis
 
 __all__ = [
     "diagnose",
@@ -38,178 +36,6 @@ __all__ = [
     "LogMarginalLikelihood",
     "psis_verdict",
 ]
-
-_DRAWS_PLATE = "_pyro_nf_draws"
-
-
-# --------------------------------------------------------------------------------------------
-# Drawing from the guide and scoring under the model
-# --------------------------------------------------------------------------------------------
-@dataclass
-class _Draws:
-    log_p: torch.Tensor  # (S,) or (S, B) with a data plate
-    log_q: torch.Tensor
-    values: dict[str, torch.Tensor] = field(default_factory=dict)  # model sites, (S, *shape)
-    sites: dict[str, dict] = field(default_factory=dict)  # prototype model sites
-
-
-def _prototype(model, guide, args, kwargs):
-    with torch.no_grad(), poutine.block():
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
-            *args, **kwargs
-        )
-    nesting = 0
-    for tr in (guide_trace, model_trace):
-        for site in tr.nodes.values():
-            if site["type"] == "sample":
-                for frame in site["cond_indep_stack"]:
-                    if frame.vectorized:
-                        nesting = max(nesting, -frame.dim)
-    device = model_device(
-        "pyro_nf's diagnostics",
-        site_values(model_trace, observed=True),
-        args,
-        kwargs,
-        site_values(model_trace, observed=False),
-    )
-    return guide_trace, model_trace, nesting, device
-
-
-def _site_sums(
-    trace, n: int, nesting: int, keep_dim: int | None, unscaled: bool, device=None
-) -> torch.Tensor | None:
-    """Sum each site's log-prob over everything but the draws dim (and ``keep_dim``), on
-    ``device`` (a prior written with Python numbers can give a CPU log-density in a CUDA model).
-
-    ``None`` when the trace holds no log-density at all (e.g. an empty guide).
-    """
-    total = None
-    for site in trace.nodes.values():
-        if site["type"] != "sample" or site_is_subsample(site):  # (a plate's indices: no density)
-            continue
-        lp = site["unscaled_log_prob"] if unscaled else site["log_prob"]
-        if unscaled and site["mask"] is not None:
-            lp = lp * site["mask"]
-        if not torch.is_tensor(lp):
-            continue
-        if device is not None:
-            lp = lp.to(device)
-        lp = lp.reshape((1,) * max(0, nesting + 1 - lp.dim()) + lp.shape)  # pad to draws dim
-        dims = [d for d in range(-nesting, 0) if d != keep_dim]
-        lp = lp.sum(dims, keepdim=keep_dim is not None) if dims else lp
-        if keep_dim is not None:
-            lp = lp.reshape(lp.shape[0], -1)
-        total = lp if total is None else total + lp
-    if total is None:
-        return None
-    return total.expand((n,) + total.shape[1:]) if total.shape[0] == 1 else total
-
-
-def _draw(
-    model,
-    guide,
-    args,
-    kwargs,
-    num_samples: int,
-    chunk_size: int,
-    *,
-    keep_values: bool = False,
-    data_plate: str | None = None,
-    vectorize: bool | None = None,
-) -> _Draws:
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-    guide_proto, model_proto, nesting, device = _prototype(model, guide, args, kwargs)
-    keep_dim = None
-    if data_plate is not None:
-        keep_dim = _data_plate_dim(guide_proto, model_proto, data_plate)
-    sites = {
-        name: site
-        for name, site in model_proto.nodes.items()
-        if site["type"] == "sample" and not site_is_subsample(site) and not name.startswith("_")
-    }
-
-    def one_chunk(n: int, vectorized: bool):
-        with torch.no_grad(), poutine.block():
-            if vectorized:
-                with pyro.plate(_DRAWS_PLATE, n, dim=-(nesting + 1), device=device):
-                    gtr = poutine.trace(guide).get_trace(*args, **kwargs)
-                    mtr = poutine.trace(poutine.replay(model, trace=gtr)).get_trace(*args, **kwargs)
-            else:
-                gtr = poutine.trace(guide).get_trace(*args, **kwargs)
-                mtr = poutine.trace(poutine.replay(model, trace=gtr)).get_trace(*args, **kwargs)
-            gtr.compute_log_prob()
-            mtr.compute_log_prob()
-            unscaled = data_plate is not None
-            log_q = _site_sums(gtr, n, nesting, keep_dim, unscaled, device)
-            log_p = _site_sums(mtr, n, nesting, keep_dim, unscaled, device)
-            # a side with no log-density contributes zeros of the other's dtype and device
-            if log_q is None or log_p is None:
-                other = log_p if log_q is None else log_q
-                zeros = torch.zeros(n, device=device) if other is None else torch.zeros_like(other)
-                log_q = zeros if log_q is None else log_q
-                log_p = zeros if log_p is None else log_p
-            expected = (n,) if keep_dim is None else (n, log_p.shape[-1])
-            if log_p.shape != expected or log_q.shape != log_p.shape:
-                # e.g. a model whose sites broadcast against the draws plate in the wrong dims
-                raise ValueError(
-                    f"per-draw log densities have shapes {tuple(log_p.shape)} (model) and "
-                    f"{tuple(log_q.shape)} (guide), expected {expected}"
-                )
-            values = {}
-            if keep_values:
-                for name, proto in sites.items():
-                    shape, v = proto["value"].shape, mtr.nodes[name]["value"]
-                    # a value that does not depend on the draws (observed data) is repeated
-                    v = v.expand((n,) + shape) if v.numel() == shape.numel() else v
-                    values[name] = v.reshape((n,) + shape)
-            return log_p, log_q, values
-
-    chunks = []
-    vectorized = vectorize is not False
-    done = 0
-    while done < num_samples:
-        n = min(chunk_size, num_samples - done) if vectorized else 1
-        try:
-            chunks.append(one_chunk(n, vectorized))
-        except Exception as e:  # noqa: BLE001 - any failure of the vectorized trace: go one by one
-            if not vectorized or vectorize is True:
-                raise
-            warnings.warn(
-                f"the model/guide did not vectorize over draws ({type(e).__name__}: {e}); "
-                "drawing one at a time (slower). Pass vectorize=False to skip this attempt.",
-                stacklevel=3,
-            )
-            vectorized = False
-            continue
-        done += n
-    log_p = torch.cat([c[0] for c in chunks])
-    log_q = torch.cat([c[1] for c in chunks])
-    values = {k: torch.cat([c[2][k] for c in chunks]) for k in chunks[0][2]} if keep_values else {}
-    return _Draws(log_p, log_q, values, sites)
-
-
-def _data_plate_dim(guide_proto, model_proto, data_plate: str) -> int:
-    dim = None
-    for tr in (guide_proto, model_proto):
-        for site in tr.nodes.values():
-            if site["type"] != "sample" or site_is_subsample(site):
-                continue
-            frames = {f.name: f for f in site["cond_indep_stack"]}
-            if data_plate in frames:
-                dim = frames[data_plate].dim
-            elif tr is guide_proto and not site["infer"].get("is_auxiliary"):
-                raise ValueError(
-                    f"per-datapoint estimates need every guide latent inside plate {data_plate!r}, "
-                    f"but site {site['name']!r} is not (a global latent couples the datapoints); "
-                    "use data_plate=None for the joint estimate"
-                )
-    if dim is None:
-        raise ValueError(f"no sample site is inside a plate named {data_plate!r}")
-    return dim
 
 
 # --------------------------------------------------------------------------------------------
@@ -312,15 +138,6 @@ class Diagnostics:
         )
 
 
-def _psis(lw: np.ndarray) -> tuple[np.ndarray, float]:
-    import arviz as az
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # arviz warns on small samples / large k; we report k
-        smoothed, k = az.psislw(lw.copy())
-    return np.asarray(smoothed), float(np.asarray(k))
-
-
 def diagnose(
     model: Callable,
     guide: Callable,
@@ -347,14 +164,14 @@ def diagnose(
         >>> d.k_hat < 0.5, d.verdict.split(":")[0]
         (True, 'good')
     """
-    draws = _draw(model, guide, args, kwargs, num_samples, chunk_size, vectorize=vectorize)
-    lw = (draws.log_p - draws.log_q).double()
+    draws = draw(model, guide, args, kwargs, num_samples, chunk_size, vectorize=vectorize)
+    lw = draws.log_weight
     elbo = lw.mean().item()
     elbo_se = (lw.std() / math.sqrt(num_samples)).item() if num_samples > 1 else float("nan")
     iw, iw_se = _logmeanexp_and_se(lw)
     lw_np = lw.cpu().numpy()
     if np.isfinite(lw_np).all() and num_samples > 1:
-        _, k_hat = _psis(lw_np)
+        _, k_hat = psis(lw_np)
     else:
         k_hat = float("nan")
     ess = math.exp(2 * torch.logsumexp(lw, 0).item() - torch.logsumexp(2 * lw, 0).item())
@@ -448,7 +265,7 @@ def log_marginal_likelihood(
         >>> abs(est.value - exact) < 1e-5
         True
     """
-    draws = _draw(
+    draws = draw(
         model,
         guide,
         args,
@@ -458,7 +275,7 @@ def log_marginal_likelihood(
         data_plate=data_plate,
         vectorize=vectorize,
     )
-    lw = (draws.log_p - draws.log_q).double()
+    lw = draws.log_weight
     value, se = _logmeanexp_and_se(lw)
     if data_plate is None:
         return LogMarginalLikelihood(value.item(), se.item(), num_samples)

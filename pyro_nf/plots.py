@@ -59,13 +59,16 @@ def plot_losses(
 
 
 def _scalar_columns(data, var_names: Sequence[str] | None) -> dict[str, np.ndarray]:
-    """Flatten draws to ``{label: 1-D array}``; accepts InferenceData or ``{name: (draws, ...)}``."""
+    """Flatten draws to ``{label: 1-D array}``; accepts InferenceData/DataTree or ``{name: (draws, ...)}``."""
     if hasattr(data, "posterior"):
         post = data.posterior
         names = var_names or list(post.data_vars)
         data = {n: post[n].values.reshape((-1,) + post[n].shape[2:]) for n in names}
     if not isinstance(data, Mapping):
-        raise TypeError("draws must be an arviz.InferenceData or a dict {name: array (draws, ...)}")
+        raise TypeError(
+            "draws must be ArviZ data (InferenceData or DataTree) with a posterior group, "
+            "or a dict {name: array (draws, ...)}"
+        )
     columns = {}
     for name in var_names or list(data):
         if name not in data:
@@ -91,7 +94,8 @@ def plot_posterior(
     """Marginals (diagonal) and pairs (below it) of posterior draws, optionally over reference draws.
 
     Args:
-        draws: an :class:`arviz.InferenceData` (e.g. from :func:`pyro_nf.to_inference_data`) or a
+        draws: ArviZ data with a ``posterior`` group (an :class:`arviz.InferenceData` or, with
+            ArviZ 1.x, an :class:`xarray.DataTree`; e.g. from :func:`pyro_nf.to_inference_data`) or a
             dict ``{name: array (draws, ...)}``; vector variables are split into components.
         reference: reference draws in the same form (e.g. long NUTS runs), drawn underneath.
         var_names: variables to show (default: all, up to ``max_vars`` scalar components).

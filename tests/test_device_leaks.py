@@ -149,7 +149,7 @@ def _posterior_paths(guide, model, x, y):
     lml = pyro_nf.log_marginal_likelihood(model, guide, x, y, num_samples=20, chunk_size=8)
     assert math.isfinite(float(lml))
     idata = pyro_nf.to_inference_data(model, guide, x, y, num_samples=10, resample=True, seed=0)
-    assert idata.posterior["w" if "w" in idata.posterior else "mu"].shape[:2] == (1, 10)
+    assert idata.posterior["w" if "w" in idata.posterior else "mu"].shape[:2] == (2, 5)
     pyro_nf.plot_posterior(idata)
 
 

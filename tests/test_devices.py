@@ -86,7 +86,7 @@ def test_workflow_on_the_device_and_dtype_of_the_data(dtype, device):
     lml = pyro_nf.log_marginal_likelihood(_model, guide, x, y, num_samples=400, chunk_size=100)
     assert math.isfinite(float(lml.value))
     idata = pyro_nf.to_inference_data(_model, guide, x, y, num_samples=50)
-    assert idata.posterior["w"].shape == (1, 50, 2)
+    assert idata.posterior["w"].shape == (2, 25, 2)
 
 
 # --------------------------------------------------------------------------------------------
@@ -173,14 +173,14 @@ def test_a_mixed_device_model_runs_the_whole_workflow_on_cuda(cls):
     d = pyro_nf.diagnose(_logistic, guide, X, y, num_samples=100)
     assert math.isfinite(d.elbo)
     idata = pyro_nf.to_inference_data(_logistic, guide, X, y, num_samples=20)
-    assert idata.posterior["w"].shape == (1, 20, 3)
+    assert idata.posterior["w"].shape == (4, 5, 3)
 
 
 def test_the_checks_ignore_a_plates_index_site_on_another_device():
     """A plate made without ``device=`` (as users write them) keeps its index site on the CPU
     while the data sit on CUDA; its log-density (zero, on the CPU) must not be summed with the
     model's. Here the index site's log-density is put on ``meta`` by hand."""
-    from pyro_nf.diagnostics import _site_sums
+    from pyro_nf._importance import site_sums
 
     def model(y):
         mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
@@ -190,9 +190,9 @@ def test_the_checks_ignore_a_plates_index_site_on_another_device():
     y = torch.tensor([0.5, 1.0, 1.5])
     trace = pyro.poutine.trace(model).get_trace(y)
     trace.compute_log_prob()
-    expected = _site_sums(trace, 1, 1, None, unscaled=False)
+    expected = site_sums(trace, 1, 1, None, unscaled=False)
     trace.nodes["data"]["log_prob"] = torch.zeros((), device="meta")
-    torch.testing.assert_close(_site_sums(trace, 1, 1, None, unscaled=False), expected)
+    torch.testing.assert_close(site_sums(trace, 1, 1, None, unscaled=False), expected)
 
 
 # --------------------------------------------------------------------------------------------

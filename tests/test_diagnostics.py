@@ -10,10 +10,10 @@ against known answers.
   centred one (the funnel), and k-hat must say so.
 """
 
+import logging
 import math
 import warnings
 
-import arviz as az
 import matplotlib
 
 matplotlib.use("Agg")
@@ -33,7 +33,26 @@ from pyro_nf import (  # noqa: E402
     psis_verdict,
     to_inference_data,
 )
+from pyro_nf._arviz import ARVIZ_0, ARVIZ_1, arviz_line  # noqa: E402
+from pyro_nf._importance import draw  # noqa: E402
 from pyro_nf.models import eight_schools_centered, eight_schools_data, eight_schools_noncentered  # noqa: E402
+
+# The ArviZ line installed: 0.x (``arviz``) or 1.x (``arviz-base`` and ``arviz-stats``, with or
+# without ``arviz`` 1.x itself). These tests run on both (CI: .ci/run and .ci/arviz1).
+ARVIZ = arviz_line()
+needs_arviz = pytest.mark.skipif(ARVIZ is None, reason="no ArviZ installed")
+
+
+def arviz_summary(data, var_names):
+    """``arviz.summary`` of the installed line (1.x: ``arviz_stats.summary``)."""
+    if ARVIZ == ARVIZ_0:
+        import arviz
+
+        return arviz.summary(data, var_names=var_names)
+    import arviz_stats
+
+    return arviz_stats.summary(data, var_names=var_names)
+
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -386,10 +405,10 @@ def test_diagnose_falls_back_to_one_draw_at_a_time_with_a_warning():
 def test_fallback_log_weights_are_right():
     with pytest.warns(UserWarning, match="did not vectorize"):
         idata = to_inference_data(branching_model, branching_guide, num_samples=40)
-    x = idata.posterior["x"].values[0]
+    x = idata.posterior["x"].values.reshape(-1)
     assert x.shape == (40,) and np.unique(x).size == 40  # 40 separate draws
     np.testing.assert_allclose(
-        idata.sample_stats["log_weight"].values[0], branching_log_weight(x), atol=1e-5
+        idata.sample_stats["log_weight"].values.reshape(-1), branching_log_weight(x), atol=1e-5
     )
 
 
@@ -436,7 +455,7 @@ def test_inference_data_groups_and_dims(hierarchical_idata):
     idata = hierarchical_idata
     post = idata.posterior
     assert set(post.data_vars) == {"mu", "sigma", "mu_plus_sigma", "theta", "theta_sq", "w"}
-    assert post["mu"].dims == ("chain", "draw") and post["mu"].shape == (1, 300)
+    assert post["mu"].dims == ("chain", "draw") and post["mu"].shape == (4, 75)
     assert post["theta"].dims == ("chain", "draw", "group")
     assert post["theta_sq"].dims == ("chain", "draw", "group")
     assert post["w"].dims[:3] == ("chain", "draw", "group") and post["w"].shape[-1] == K_SIMPLEX
@@ -457,7 +476,7 @@ def test_inference_data_groups_and_dims(hierarchical_idata):
     stats = idata.sample_stats
     assert {"log_q", "log_p", "log_weight"} <= set(stats.data_vars)
     for name in ("log_q", "log_p", "log_weight"):
-        assert stats[name].shape == (1, 300) and np.isfinite(stats[name].values).all()
+        assert stats[name].shape == (4, 75) and np.isfinite(stats[name].values).all()
     np.testing.assert_allclose(
         stats["log_weight"].values, stats["log_p"].values - stats["log_q"].values, atol=1e-4
     )
@@ -467,26 +486,84 @@ def test_inference_data_log_densities_are_the_right_ones():
     mean, sd = exact_posterior(Y_VEC)
     guide = shifted_guide(0.3, 1.1)
     idata = to_inference_data(conjugate_model, guide, Y_VEC, num_samples=200)
-    mu = torch.as_tensor(idata.posterior["mu"].values[0], dtype=torch.float64)  # (200, D)
+    mu = torch.as_tensor(idata.posterior["mu"].values, dtype=torch.float64).reshape(-1, D)
     assert mu.shape == (200, D)
     log_q = dist.Normal(mean.double() + 0.3 * sd, 1.1 * sd).log_prob(mu).sum(-1)
     log_p = dist.Normal(0.0, PRIOR_SD).log_prob(mu).sum(-1) + dist.Normal(
         mu[:, None, :], NOISE_SD
     ).log_prob(Y_VEC.double()).sum((-1, -2))
-    np.testing.assert_allclose(idata.sample_stats["log_q"].values[0], log_q, atol=1e-4)
-    np.testing.assert_allclose(idata.sample_stats["log_p"].values[0], log_p, atol=1e-3)
+    np.testing.assert_allclose(idata.sample_stats["log_q"].values.reshape(-1), log_q, atol=1e-4)
+    np.testing.assert_allclose(idata.sample_stats["log_p"].values.reshape(-1), log_p, atol=1e-3)
     assert idata.observed_data["y"].shape == (N_OBS, D)
 
 
-def test_arviz_summary_and_plot_pair_work(hierarchical_idata):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        summary = az.summary(hierarchical_idata, var_names=["mu", "sigma", "theta"])
-        axes = az.plot_pair(hierarchical_idata, var_names=["mu", "sigma"])
+@needs_arviz
+def test_arviz_summary_runs_without_warnings_and_gives_finite_r_hat(hierarchical_idata, caplog):
+    """One chain made ArviZ log "Shape validation failed ... chains" and give NaN r_hat; the
+    draws are now four chains of independent draws, so R-hat is finite and near 1."""
+    with warnings.catch_warnings(), caplog.at_level(logging.WARNING):
+        warnings.simplefilter("error")
+        summary = arviz_summary(hierarchical_idata, var_names=["mu", "sigma", "theta"])
+    assert not caplog.records, [r.getMessage() for r in caplog.records]
     assert list(summary.index) == ["mu", "sigma", "theta[0]", "theta[1]", "theta[2]"]
     assert np.isfinite(summary["mean"].values).all()
     assert summary.loc["sigma", "mean"] > 0
+    r_hat = summary["r_hat"].to_numpy(dtype=float)
+    assert np.isfinite(r_hat).all() and (np.abs(r_hat - 1) < 0.05).all(), r_hat
+    for ess in ("ess_bulk", "ess_tail"):
+        assert (summary[ess].to_numpy(dtype=float) > 100).all(), summary[ess]
+
+
+@pytest.mark.skipif(ARVIZ != ARVIZ_0, reason="ArviZ 0.x plotting")
+def test_arviz_plot_pair_works(hierarchical_idata):
+    import arviz
+
+    axes = arviz.plot_pair(hierarchical_idata, var_names=["mu", "sigma"])
     assert np.asarray(axes).size >= 1
+
+
+def test_the_installed_arviz_line_gives_its_own_container(hierarchical_idata):
+    if ARVIZ == ARVIZ_0:
+        import arviz
+
+        assert isinstance(hierarchical_idata, arviz.InferenceData)
+        assert hierarchical_idata.posterior.attrs["inference_library"] == "pyro_nf"
+    else:
+        assert ARVIZ == ARVIZ_1
+        import xarray
+
+        assert isinstance(hierarchical_idata, xarray.DataTree)
+        assert hierarchical_idata.attrs["inference_library"] == "pyro_nf"
+        assert hierarchical_idata["posterior"].attrs["inference_library"] == "pyro_nf"
+
+
+def test_chains_are_the_draws_in_order():
+    """The independent draws fill chain 0 first, then chain 1, ...; num_chains chooses how many
+    chains, and must divide num_samples."""
+    guide = shifted_guide(0.3, 1.1)
+    pyro.set_rng_seed(3)
+    one = to_inference_data(conjugate_model, guide, Y_VEC, num_samples=60, num_chains=1)
+    pyro.set_rng_seed(3)
+    three = to_inference_data(conjugate_model, guide, Y_VEC, num_samples=60, num_chains=3)
+    assert one.posterior["mu"].shape == (1, 60, D) and three.posterior["mu"].shape == (3, 20, D)
+    np.testing.assert_array_equal(
+        three.posterior["mu"].values.reshape(60, D), one.posterior["mu"].values[0]
+    )
+    np.testing.assert_array_equal(
+        three.sample_stats["log_weight"].values.reshape(60),
+        one.sample_stats["log_weight"].values[0],
+    )
+    # the default: 4 chains, else 2, else 1; never fewer than 4 draws in a chain of several
+    for n, chains in ((40, 4), (30, 2), (15, 1), (12, 2), (6, 1)):
+        assert to_inference_data(conjugate_model, guide, Y_VEC, num_samples=n).posterior[
+            "mu"
+        ].shape[:2] == (chains, n // chains)
+    with pytest.raises(
+        ValueError, match=r"num_samples \(50\) must be a multiple of num_chains \(4\)"
+    ):
+        to_inference_data(conjugate_model, guide, Y_VEC, num_samples=50, num_chains=4)
+    with pytest.raises(ValueError, match="num_chains must be a positive integer, got 0"):
+        to_inference_data(conjugate_model, guide, Y_VEC, num_samples=50, num_chains=0)
 
 
 def test_resampled_draws_come_from_the_original_draws():
@@ -495,8 +572,8 @@ def test_resampled_draws_come_from_the_original_draws():
     raw = to_inference_data(conjugate_model, guide, Y_VEC, num_samples=500)
     pyro.set_rng_seed(5)
     res = to_inference_data(conjugate_model, guide, Y_VEC, num_samples=500, resample=True, seed=0)
-    raw_mu = raw.posterior["mu"].values[0]
-    res_mu = res.posterior["mu"].values[0]
+    raw_mu = raw.posterior["mu"].values.reshape(500, D)
+    res_mu = res.posterior["mu"].values.reshape(500, D)
     assert res_mu.shape == raw_mu.shape
     rows = {tuple(r) for r in raw_mu}
     assert all(tuple(r) in rows for r in res_mu)
@@ -504,14 +581,14 @@ def test_resampled_draws_come_from_the_original_draws():
     # sample_stats follow the resampled draws
     index = [next(i for i, r in enumerate(raw_mu) if np.array_equal(r, s)) for s in res_mu[:20]]
     np.testing.assert_array_equal(
-        res.sample_stats["log_weight"].values[0][:20],
-        raw.sample_stats["log_weight"].values[0][index],
+        res.sample_stats["log_weight"].values.reshape(500)[:20],
+        raw.sample_stats["log_weight"].values.reshape(500)[index],
     )
     np.testing.assert_array_equal(res.observed_data["y"].values, raw.observed_data["y"].values)
     # a seed makes the resampling reproducible
     pyro.set_rng_seed(5)
     again = to_inference_data(conjugate_model, guide, Y_VEC, num_samples=500, resample=True, seed=0)
-    np.testing.assert_array_equal(again.posterior["mu"].values, res_mu[None])
+    np.testing.assert_array_equal(again.posterior["mu"].values, res.posterior["mu"].values)
 
 
 def test_resampling_moves_the_mean_to_the_exact_posterior():
@@ -521,11 +598,13 @@ def test_resampling_moves_the_mean_to_the_exact_posterior():
     raw = to_inference_data(conjugate_model, guide, Y_VEC, num_samples=4000)
     pyro.set_rng_seed(6)
     res = to_inference_data(conjugate_model, guide, Y_VEC, num_samples=4000, resample=True, seed=1)
-    raw_err = np.abs(raw.posterior["mu"].values[0].mean(0) - mean.numpy()) / sd
-    res_err = np.abs(res.posterior["mu"].values[0].mean(0) - mean.numpy()) / sd
+    raw_mu = raw.posterior["mu"].values.reshape(-1, D)
+    res_mu = res.posterior["mu"].values.reshape(-1, D)
+    raw_err = np.abs(raw_mu.mean(0) - mean.numpy()) / sd
+    res_err = np.abs(res_mu.mean(0) - mean.numpy()) / sd
     assert (raw_err > 0.4).all()
     assert (res_err < 0.12).all(), res_err
-    res_sd = res.posterior["mu"].values[0].std(0)
+    res_sd = res_mu.std(0)
     np.testing.assert_allclose(res_sd, sd, rtol=0.15)
 
 
@@ -573,8 +652,6 @@ def test_eight_schools_centred_gets_a_worse_verdict_than_noncentred():
 
 def test_a_guide_without_sample_sites_scores_zeros_of_the_models_dtype():
     """log q of an empty guide is zero in the model's dtype and device, not torch's default."""
-    from pyro_nf.diagnostics import _draw
-
     y = torch.tensor([0.3, -1.2, 0.8], dtype=torch.float64)
 
     def model(y):
@@ -584,7 +661,7 @@ def test_a_guide_without_sample_sites_scores_zeros_of_the_models_dtype():
     def guide(y):
         pass
 
-    draws = _draw(model, guide, (y,), {}, 6, 4)
+    draws = draw(model, guide, (y,), {}, 6, 4)
     assert draws.log_q.dtype == torch.float64 and draws.log_q.shape == (6,)
     assert torch.equal(draws.log_q, torch.zeros(6, dtype=torch.float64))
     exact = dist.Normal(torch.zeros(3, dtype=torch.float64), 1.0).log_prob(y).sum()

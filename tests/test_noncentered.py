@@ -168,7 +168,7 @@ def test_fit_predictive_and_state_dict():
         d = pyro_nf.diagnose(centred, guide, Y, SIGMA, num_samples=200)
         idata = pyro_nf.to_inference_data(centred, guide, Y, SIGMA, num_samples=50)
     assert math.isfinite(d.elbo) and math.isfinite(d.k_hat)
-    assert idata.posterior["theta"].shape == (1, 50, 8)
+    assert idata.posterior["theta"].shape == (2, 25, 8)
 
 
 def test_model_without_hierarchical_sites_warns_and_is_plain():
