@@ -18,6 +18,7 @@ flow is exactly :math:`\\mathcal N(\\mu, \\operatorname{diag}\\sigma^2)` in eith
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 
@@ -269,9 +270,7 @@ def _layer_family(transform: str):
     """``(layer class, constructor)`` of a registered family."""
     entry = _LAYERS[transform]
     if issubclass(entry, ElementwiseMap):
-        return MaskedAutoregressive, lambda *a, **kw: MaskedAutoregressive(
-            *a, elementwise=entry, **kw
-        )
+        return MaskedAutoregressive, functools.partial(MaskedAutoregressive, elementwise=entry)
     return entry, entry
 
 
@@ -363,10 +362,11 @@ class Flow(nn.Module):
         self.fused = bool(fused) and family.fusable
         layers: list[FlowModule] = []
         for k in range(num_transforms):
+            made = {}  # an autoregressive family's MADE sizes and order, reversed every other layer
             if family.autoregressive:
                 order = torch.arange(dim).flip(0) if k % 2 else torch.arange(dim)
-                layer_kwargs.update(hidden_dims=hidden_dims, order=order)
-            layers.append(make_layer(dim, context_dim, **layer_kwargs))
+                made = dict(hidden_dims=hidden_dims, order=order)
+            layers.append(make_layer(dim, context_dim, **made, **layer_kwargs))
         self.layers = nn.ModuleList(layers)
         self.affine = Affine(dim, context_dim, init_loc=init_loc, init_scale=init_scale)
         self.register_buffer("precond_loc", None)

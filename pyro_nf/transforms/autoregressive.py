@@ -106,17 +106,10 @@ def _activation(spec: str | Callable[[], nn.Module]) -> Callable[[], nn.Module]:
 
 
 class _MaskedLinear(nn.Linear):
-    """A linear map with a fixed 0/1 connectivity mask and, for rows with many inputs, a step scale.
-
-    Row :math:`k` computes :math:`y_k = c_k \\sum_j M_{kj} W_{kj} x_j + b_k` with
-    :math:`c_k = \\min(1, n_{\\text{ref}} / n_k)`, :math:`n_k` the row's number of unmasked inputs.
-    The weights are initialized divided by :math:`c_k`, so :math:`c_k W_{kj}` starts as
-    ``nn.Linear`` would start :math:`W_{kj}`: only the size of a training step changes. Adam moves
-    every weight by about ``lr`` per step, and with coherent signs that moves :math:`y_k` by up to
-    ``lr`` :math:`\\sum_j |x_j|`, which grows with :math:`n_k`; with the scale it grows no further
-    than in a layer of :math:`n_{\\text{ref}}` inputs. Rows with at most :math:`n_{\\text{ref}}`
-    inputs are plain masked linear rows (and a layer with no such wide row stores no scale).
-    """
+    """A linear map with a fixed 0/1 connectivity mask; row :math:`k`, with :math:`n_k` unmasked
+    inputs, computes :math:`c_k \\sum_j M_{kj} W_{kj} x_j + b_k` with
+    :math:`c_k = \\min(1, n_{\\text{ref}} / n_k)` and :math:`W` initialized divided by :math:`c_k`
+    (see :class:`MADE`); a layer with no row wider than :math:`n_{\\text{ref}}` stores no scale."""
 
     def __init__(self, mask: Tensor, fan_in_ref: int | None = None) -> None:
         super().__init__(mask.shape[1], mask.shape[0])
@@ -152,19 +145,15 @@ class MADE(nn.Module):
     :class:`AffineAutoregressive`. Output ``i`` of every one depends only on inputs that come before
     ``i`` in ``order``. The output layer starts at zero, so a fresh network returns zeros.
 
-    Steps that do not grow with the width. Adam changes every weight by about ``lr`` per step, so
-    a unit with :math:`n` inputs :math:`x_j` can move by ``lr`` :math:`\\sum_j |x_j|` in one step
-    when the signs agree: by :math:`O(n \\cdot \\mathrm{lr})`. For the output layer that is the
-    log-scale of every coordinate, so a wide MADE over many variables can take steps of
-    several units and diverge. So a unit with
-    :math:`n > n_{\\text{ref}}` (``fan_in_ref``) unmasked inputs computes
-    :math:`(n_{\\text{ref}} / n) \\sum_j W_j x_j + b`, with :math:`W` initialized
-    :math:`n / n_{\\text{ref}}` times larger: the same function at the start, steps no larger
-    than those of a unit with :math:`n_{\\text{ref}}` inputs (the step size a network of that
-    width is tuned for; a scaling like that of Yang et al. 2021's maximal-update
-    parametrization for Adam). Units with at most :math:`n_{\\text{ref}}` inputs are plain.
-    A hidden layer narrower than :math:`D - 1` gets degrees spread evenly over ``1..D-1``, so
-    that every coordinate conditions on some recent ones, not only on the first few.
+    Steps that do not grow with the width: Adam moves every weight by about ``lr`` per step, so a
+    unit with :math:`n` inputs can move by :math:`O(n \\cdot \\mathrm{lr})`, for the output layer
+    the log-scale of every coordinate. A unit with :math:`n > n_{\\text{ref}}` (``fan_in_ref``)
+    unmasked inputs therefore computes :math:`(n_{\\text{ref}} / n) \\sum_j W_j x_j + b`, with
+    :math:`W` initialized :math:`n / n_{\\text{ref}}` times larger: the same function at the start,
+    steps no larger than those of a unit with :math:`n_{\\text{ref}}` inputs (a scaling like Yang
+    et al. 2021's maximal-update parametrization for Adam). A hidden layer narrower than
+    :math:`D - 1` gets degrees spread evenly over ``1..D-1``, so that every coordinate conditions
+    on some recent ones, not only on the first few.
 
     Args:
         dim: number of variables :math:`D`.
@@ -458,13 +447,10 @@ class AffineAutoregressive(MaskedAutoregressive):
         context_dim: size of the context fed into the first hidden layer; 0 for none.
         hidden_dims, order, activation, fan_in_ref: see :class:`MaskedAutoregressive`.
         log_scale_min, log_scale_max: smooth bounds of the log-scale (see :class:`AffineMap`).
-        gate_bias: ``None`` (default) for the update :math:`y = x e^{s} + m`. A number :math:`c`
-            for the gated update of Kingma et al. (2016, eqs. 11-12),
-            :math:`\\sigma = \\operatorname{sigmoid}(a + c)`,
-            :math:`y = x \\sigma / \\operatorname{sigmoid}(c) + (1 - \\sigma) m`, whose scale is
-            at most :math:`1 / \\operatorname{sigmoid}(c)` (no exponential blow-up). Dividing by
-            :math:`\\operatorname{sigmoid}(c)` keeps the fresh layer exactly the identity; the
-            paper uses :math:`c` of 1 or 2. The log-scale bounds are then unused.
+        gate_bias: ``None`` (default) for the update :math:`y = x e^{s} + m`; a number :math:`c`
+            for the gated update of Kingma et al. (2016, eqs. 11-12), whose scale is at most
+            :math:`1 / \\operatorname{sigmoid}(c)` (:class:`GatedAffineMap`; the paper uses
+            :math:`c` of 1 or 2). The log-scale bounds are then unused.
 
     Example:
         >>> import torch

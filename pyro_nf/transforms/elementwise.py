@@ -6,7 +6,7 @@ earlier coordinates. The layer (MADE, order, one-pass forward, :math:`D`-pass in
 for every :math:`g`; an :class:`ElementwiseMap` is the part that differs: how many numbers
 :math:`\\theta_i` has, :math:`g` and its log-derivative, :math:`g^{-1}`, and the raw parameters at
 which :math:`g` is the identity (where a fresh layer starts). A new autoregressive family is one
-subclass here and one entry in :data:`pyro_nf.flow.TRANSFORMS`' registry.
+subclass here and one entry in :class:`pyro_nf.Flow`'s registry (``pyro_nf.flow._LAYERS``).
 """
 
 from __future__ import annotations
@@ -69,7 +69,22 @@ class ElementwiseMap:
         return f"{type(self).__name__}({args})"
 
 
-class AffineMap(ElementwiseMap):
+class _ShiftScaleMap(ElementwiseMap):
+    """:math:`y = x e^{s} + m` for the ``(m, s)`` a subclass's ``_shift_log_scale`` makes."""
+
+    def _shift_log_scale(self, params: Params) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, params: Params) -> tuple[Tensor, Tensor]:
+        m, s = self._shift_log_scale(params)
+        return x * torch.exp(s) + m, s
+
+    def inverse(self, y: Tensor, params: Params) -> tuple[Tensor, Tensor]:
+        m, s = self._shift_log_scale(params)
+        return (y - m) * torch.exp(-s), s
+
+
+class AffineMap(_ShiftScaleMap):
     """:math:`y = x e^{s} + m` with the log-scale :math:`s` smoothly bounded (Kingma et al. 2016).
 
     The parameters are ``(m, a)``; :math:`s = c \\tanh(a / c)` with :math:`c` = ``log_scale_max``
@@ -94,14 +109,6 @@ class AffineMap(ElementwiseMap):
         m, a = params[:2]
         c = torch.where(a >= 0, self.hi, -self.lo).to(a.dtype)
         return m, c * torch.tanh(a / c)
-
-    def forward(self, x: Tensor, params: Params) -> tuple[Tensor, Tensor]:
-        m, s = self._shift_log_scale(params)
-        return x * torch.exp(s) + m, s
-
-    def inverse(self, y: Tensor, params: Params) -> tuple[Tensor, Tensor]:
-        m, s = self._shift_log_scale(params)
-        return (y - m) * torch.exp(-s), s
 
     def options(self) -> dict:
         return {"log_scale_min": self.lo, "log_scale_max": self.hi, "gate_bias": None}
@@ -144,7 +151,7 @@ class GatedAffineMap(AffineMap):
         return {**super().options(), "gate_bias": self.gate_bias}
 
 
-class SoftplusAffineMap(ElementwiseMap):
+class SoftplusAffineMap(_ShiftScaleMap):
     """:math:`y = x \\sigma + m` with the scale :math:`\\sigma = \\sigma_{\\min} + \\operatorname{softplus}(a)`.
 
     Another bound on the scale than :class:`AffineMap`'s: below by ``min_scale``, above by nothing,
@@ -174,14 +181,6 @@ class SoftplusAffineMap(ElementwiseMap):
     def _shift_log_scale(self, params: Params) -> tuple[Tensor, Tensor]:
         m, a = params
         return m, torch.log(self.min_scale + F.softplus(a))
-
-    def forward(self, x: Tensor, params: Params) -> tuple[Tensor, Tensor]:
-        m, log_scale = self._shift_log_scale(params)
-        return x * torch.exp(log_scale) + m, log_scale
-
-    def inverse(self, y: Tensor, params: Params) -> tuple[Tensor, Tensor]:
-        m, log_scale = self._shift_log_scale(params)
-        return (y - m) * torch.exp(-log_scale), log_scale
 
     def options(self) -> dict:
         return {"min_scale": self.min_scale}

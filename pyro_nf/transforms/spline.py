@@ -1,34 +1,17 @@
 """Rational-quadratic spline autoregressive flow (neural spline flow, Durkan et al. 2019).
 
 Each coordinate goes through a monotone rational-quadratic spline on :math:`[-B, B]` with
-:math:`K` bins, whose bin widths, bin heights and inner knot derivatives come from a MADE pass
-(Germain et al. 2015) over the earlier coordinates in ``order``; outside :math:`[-B, B]` the map
-is the identity. In bin :math:`k`, with knots :math:`(x_k, y_k)`, widths :math:`w_k`, heights
-:math:`h_k`, slope :math:`s_k = h_k / w_k`, knot derivatives :math:`d_k, d_{k+1}` and
-:math:`\\xi = (x - x_k) / w_k` (Durkan et al. 2019, eqs. 4-8; Gregory & Delbourgo 1982):
-
-.. math::
-    y = y_k + h_k \\frac{s_k \\xi^2 + d_k \\xi (1 - \\xi)}
-        {s_k + (d_{k+1} + d_k - 2 s_k) \\xi (1 - \\xi)},
-    \\qquad
-    \\frac{dy}{dx} = \\frac{s_k^2 \\left(d_{k+1} \\xi^2 + 2 s_k \\xi (1 - \\xi)
-        + d_k (1 - \\xi)^2\\right)}{\\left(s_k + (d_{k+1} + d_k - 2 s_k) \\xi (1 - \\xi)\\right)^2}.
-
-The inverse inside a bin is the root in :math:`[0, 1]` of a quadratic, in closed form.
-:class:`SplineAutoregressive` is :class:`~pyro_nf.transforms.MaskedAutoregressive` with this map
-(:class:`RationalQuadraticMap`), so it shares the MADE, the order and the :math:`D`-pass inverse
-with :class:`AffineAutoregressive`.
+:math:`K` bins (Gregory & Delbourgo 1982; Durkan et al. 2019, eqs. 4-8), the identity outside,
+whose bin widths, heights and inner knot derivatives come from a MADE pass over the earlier
+coordinates: :class:`SplineAutoregressive` is :class:`~pyro_nf.transforms.MaskedAutoregressive`
+with :class:`RationalQuadraticMap`. The formulas, the closed-form inverse in a bin and the choice
+of :math:`B` are on the docs page ``docs/flows/spline.rst``.
 
 Parameterization: widths and heights are ``min_bin_width + (1 - K min_bin_width) softmax(raw)``
 (times :math:`2B`), the inner derivatives ``min_derivative + softplus(raw + c)`` with :math:`c` set
 so that a zero ``raw`` gives derivative 1, and the two boundary derivatives are 1, so the map is
 continuously differentiable at :math:`\\pm B`. A fresh network outputs zeros: equal bins, every
 derivative 1, which is exactly the identity.
-
-Unlike an affine layer, one spline layer can bend a unimodal density into a multimodal one
-(see the benchmarks page, ``docs/benchmarks.rst``). Where :math:`B` sits matters: in :class:`pyro_nf.Flow` (no context) the layers act on the
-standardized coordinates, before the learnable affine layer, so :math:`B = 5` covers the base
-:math:`\\mathcal N(0, 1)` with room to spare.
 """
 
 from __future__ import annotations
@@ -289,19 +272,12 @@ class SplineAutoregressive(MaskedAutoregressive):
     :math:`D` passes (exact, closed-form per coordinate). A fresh layer is exactly the identity.
 
     Args:
-        dim: number of variables :math:`D`.
-        context_dim: size of a context fed into the MADE's first hidden layer; 0 for none.
-        hidden_dims: MADE hidden sizes; default ``(min(max(2 * dim, 16), 128),)``.
-        order: permutation of ``range(dim)``, the autoregressive order (see
-            :class:`AffineAutoregressive`).
+        dim, context_dim, hidden_dims, order, activation, fan_in_ref: see
+            :class:`~pyro_nf.transforms.MaskedAutoregressive`.
         num_bins: number of spline bins :math:`K` (the MADE outputs :math:`3K - 1` numbers per
             variable).
         bound: the splines act on ``[-bound, bound]`` and are the identity outside.
-        activation: hidden nonlinearity of the MADE, a module class or a name (see
-            :class:`~pyro_nf.transforms.MADE`); default :class:`torch.nn.ELU`.
         min_bin_width, min_bin_height, min_derivative: see :func:`rational_quadratic_spline`.
-        fan_in_ref: MADE units with more inputs than this take the steps of a unit with this
-            many (see :class:`~pyro_nf.transforms.MADE`); ``None`` for plain masked layers.
 
     Example:
         >>> import torch
