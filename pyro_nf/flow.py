@@ -10,8 +10,8 @@ Without a context the flow layers act on the standardized variable and the affin
 whatever the scale of the posterior (the autoguides' case). With a context (amortized posteriors)
 the affine layer comes first by default,
 :math:`z = f_K \\circ \\dots \\circ f_1(\\mu(h) + \\sigma(h) \\odot \\varepsilon)`: the order of Rezende
-& Mohamed (2015) and Kingma et al. (2016), where the layers act on the latent itself (how the two orders compare
-in a VAE: ``docs/vae.rst`` and ``docs/benchmarks.rst``).
+& Mohamed (2015) and Kingma et al. (2016), where the layers act on the latent itself (how the
+two orders compare in a VAE: ``docs/vae.rst`` and ``docs/benchmarks.rst``).
 ``affine_first`` chooses either order explicitly. Every layer starts at the identity: an untrained
 flow is exactly :math:`\\mathcal N(\\mu, \\operatorname{diag}\\sigma^2)` in either order.
 """
@@ -419,8 +419,9 @@ class Flow(nn.Module):
     def transforms(self, context: Tensor | None = None) -> list[FlowTransform]:
         """The stateless transforms, in the order they act on the base noise.
 
-        With ``fused=True`` (a ``fusable`` family: planar, radial), the layers come as one stack transform; a
-        preconditioner (:meth:`set_preconditioner`) comes next, then ``outer_transform`` if set.
+        With ``fused=True`` (a ``fusable`` family: planar, radial), the layers come as one stack
+        transform; a preconditioner (:meth:`set_preconditioner`) comes next, then
+        ``outer_transform`` if set.
         """
         check_context(context, self.context_dim, "Flow")
         affine = [self.affine.condition(context)]

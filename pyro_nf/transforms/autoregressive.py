@@ -78,31 +78,29 @@ def _activation(spec: str | Callable[[], nn.Module]) -> Callable[[], nn.Module]:
     if not callable(spec):
         raise TypeError(f"activation must be a name or a module class, got {spec!r}")
     if isinstance(spec, type):
-        if not issubclass(spec, nn.Module):
-            raise TypeError(
-                f"activation must be a name or a torch.nn.Module class, got the class {spec!r}"
-            )
-        return spec
+        if issubclass(spec, nn.Module):
+            return spec
+        raise TypeError(
+            f"activation must be a name or a torch.nn.Module class, got the class {spec!r}"
+        )
     # Any other callable must build a module when called with no argument (e.g. a
     # functools.partial of a module class); a tensor function such as torch.tanh does not.
     try:
         made = spec()
     except TypeError:
         made = None
-    if not isinstance(made, nn.Module):
-        name = getattr(spec, "__name__", None)
-        hint = (
-            f"pass activation={name.lower()!r} or the module class"
-            if isinstance(name, str) and name.lower() in ACTIVATIONS
-            else "pass a module class such as torch.nn.Tanh, or a function returning a module"
-        )
-        what = f"the function {name}" if isinstance(name, str) else repr(spec)
-        raise TypeError(
-            f"activation must be a name, a torch.nn.Module class or a function that returns a "
-            f"module when called with no argument; got {what}, which does not build a module: "
-            f"{hint}"
-        )
-    return spec
+    if isinstance(made, nn.Module):
+        return spec
+    name = getattr(spec, "__name__", None)
+    known = isinstance(name, str) and name.lower() in ACTIVATIONS
+    raise TypeError(
+        "activation must be a name, a torch.nn.Module class or a function that returns a module "
+        "when called with no argument; got "
+        + (f"the function {name}" if isinstance(name, str) else repr(spec))
+        + ", which does not build a module: "
+        + (f"pass activation={name.lower()!r} or the module class" if known else
+           "pass a module class such as torch.nn.Tanh, or a function returning a module")
+    )  # fmt: skip
 
 
 class _MaskedLinear(nn.Linear):

@@ -93,8 +93,8 @@ class AffineMap(_ShiftScaleMap):
 
     Example:
         >>> import torch
-        >>> y, ladj = AffineMap().forward(torch.tensor([2.0]), (torch.tensor([1.0]), torch.tensor([0.5])))
-        >>> y, ladj  # s = 3 tanh(0.5 / 3)
+        >>> m, a = torch.tensor([1.0]), torch.tensor([0.5])
+        >>> AffineMap().forward(torch.tensor([2.0]), (m, a))  # s = 3 tanh(0.5 / 3)
         (tensor([4.2824]), tensor([0.4954]))
     """
 
@@ -152,7 +152,8 @@ class GatedAffineMap(AffineMap):
 
 
 class SoftplusAffineMap(_ShiftScaleMap):
-    """:math:`y = x \\sigma + m` with the scale :math:`\\sigma = \\sigma_{\\min} + \\operatorname{softplus}(a)`.
+    """Affine with a softplus scale: :math:`y = x \\sigma + m`, :math:`\\sigma = \\sigma_{\\min} +
+    \\operatorname{softplus}(a)`.
 
     Another bound on the scale than :class:`AffineMap`'s: below by ``min_scale``, above by nothing,
     and it grows only linearly in the raw ``a`` (no :math:`e^{a}` blow-up, no saturation). The
