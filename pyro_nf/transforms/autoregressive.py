@@ -346,15 +346,11 @@ def affine_map(
 class MaskedAutoregressive(FlowModule):
     """Autoregressive layer (IAF direction): a MADE conditioner and a pluggable elementwise map.
 
-    Owns the MADE (Germain et al. 2015), the variable order and, through
-    :class:`AutoregressiveTransform`, the one-pass forward and the :math:`D`-pass inverse; the map
-    (:class:`AffineMap`, :class:`GatedAffineMap`, :class:`RationalQuadraticMap`,
-    :class:`SoftplusAffineMap`, or any :class:`ElementwiseMap`) says what happens to each
-    coordinate. The MADE outputs the map's ``num_params`` numbers per coordinate and starts at
-    the map's :meth:`~ElementwiseMap.identity_params`, so a fresh layer is the identity.
-    With ``context_dim > 0`` the context enters the MADE's first hidden layer through an unmasked
-    linear map (Kingma et al. 2016, section 4). :class:`AffineAutoregressive` and
-    :class:`SplineAutoregressive` are this layer with their maps.
+    Owns the MADE, the variable order and, through :class:`AutoregressiveTransform`, the one-pass
+    forward and the :math:`D`-pass inverse; the :class:`ElementwiseMap` says what happens to each
+    coordinate. The MADE outputs the map's ``num_params`` numbers per coordinate and starts at its
+    :meth:`~ElementwiseMap.identity_params`, so a fresh layer is the identity.
+    :class:`AffineAutoregressive` and :class:`SplineAutoregressive` are this layer with their maps.
 
     Args:
         dim: number of variables :math:`D`.

@@ -1,12 +1,7 @@
-"""Elementwise maps for :class:`~pyro_nf.transforms.MaskedAutoregressive`.
-
-An autoregressive layer applies to each coordinate :math:`x_i` a strictly increasing map
-:math:`y_i = g(x_i; \\theta_i)` whose parameters :math:`\\theta_i` come from a MADE pass over the
-earlier coordinates. The layer (MADE, order, one-pass forward, :math:`D`-pass inverse) is the same
-for every :math:`g`; an :class:`ElementwiseMap` is the part that differs: how many numbers
-:math:`\\theta_i` has, :math:`g` and its log-derivative, :math:`g^{-1}`, and the raw parameters at
-which :math:`g` is the identity (where a fresh layer starts). A new autoregressive family is one
-subclass here and one entry in :class:`pyro_nf.Flow`'s registry (``pyro_nf.flow._LAYERS``).
+"""Elementwise maps for :class:`~pyro_nf.transforms.MaskedAutoregressive`: the part of an
+autoregressive layer that differs between families (see :class:`ElementwiseMap`). A new
+autoregressive family is one subclass here and one entry in :class:`pyro_nf.Flow`'s registry
+(``pyro_nf.flow._LAYERS``).
 """
 
 from __future__ import annotations
@@ -29,7 +24,8 @@ class ElementwiseMap:
 
     Subclasses set :attr:`num_params` and implement :meth:`forward` and :meth:`inverse`; both get
     ``params``, a tuple of ``num_params`` tensors that broadcast against the input (the MADE's
-    raw outputs), and return the per-coordinate :math:`\\log g'(x)`, which the layer sums.
+    raw outputs), and return the per-coordinate :math:`\\log g'(x)`, which the layer sums. They
+    may override :meth:`identity_params` (zeros by default) and :meth:`options`.
 
     Example:
         >>> import torch
