@@ -10,15 +10,15 @@ Without a context the flow layers act on the standardized variable and the affin
 whatever the scale of the posterior (the autoguides' case). With a context (amortized posteriors)
 the affine layer comes first by default,
 :math:`z = f_K \\circ \\dots \\circ f_1(\\mu(h) + \\sigma(h) \\odot \\varepsilon)`: the order of Rezende
-& Mohamed (2015) and Kingma et al. (2016), where the layers act on the latent itself. In a VAE on
-the MNIST subset an IAF posterior in this order is 3 nats better than in the other, and a planar
-one the same (``benchmarks/results/vae.md``).
+& Mohamed (2015) and Kingma et al. (2016), where the layers act on the latent itself (how the
+two orders compare in a VAE: ``docs/vae.rst`` and ``docs/benchmarks.rst``).
 ``affine_first`` chooses either order explicitly. Every layer starts at the identity: an untrained
 flow is exactly :math:`\\mathcal N(\\mu, \\operatorname{diag}\\sigma^2)` in either order.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 
@@ -29,11 +29,15 @@ from torch import Tensor, nn
 from torch.distributions import constraints
 
 from ._autoregister import register_flow
+from ._checks import integer
 from .transforms import (
     Affine,
     AffineAutoregressive,
+    ElementwiseMap,
+    MaskedAutoregressive,
     Planar,
     Radial,
+    SoftplusAffineMap,
     SplineAutoregressive,
     TriangularAffineTransform,
 )
@@ -173,23 +177,6 @@ def _first_tensor(obj, depth: int = 0) -> Tensor | None:
     return None
 
 
-def _layer_options(layer: nn.Module) -> dict:
-    """The options of a flow layer that change its map for given parameters, as plain values."""
-    options = {}
-    for attr in ("log_scale_min", "log_scale_max", "gate_bias", "num_bins", "bound"):
-        if hasattr(layer, attr):
-            options[attr] = getattr(layer, attr)
-    mins = getattr(layer, "mins", None)
-    if isinstance(mins, dict):
-        options.update(mins)
-    made = getattr(layer, "made", None)
-    if made is not None:
-        options["hidden_dims"] = [int(h.out_features) for h in made.hidden]
-        options["activation"] = repr(made.activation)
-        options["fan_in_ref"] = made.fan_in_ref  # (scales each unit's map for given weights)
-    return options
-
-
 def encode_record(record: dict) -> Tensor:
     """A record of plain values as a CPU ``uint8`` tensor of the bytes of its JSON text."""
     data = bytearray(json.dumps(record, sort_keys=True).encode())
@@ -263,15 +250,28 @@ def _check_empty_value(value: Tensor, batch_shape: torch.Size, event_shape: torc
         ) from None
 
 
-_LAYERS = {
+#: the layer families of :class:`Flow`: a :class:`~pyro_nf.transforms.FlowModule` subclass, or
+#: an :class:`~pyro_nf.transforms.ElementwiseMap` subclass, run by
+#: :class:`~pyro_nf.transforms.MaskedAutoregressive`. A new family is one entry here; the class
+#: says whether its layers stack into one transform (``fusable``) and take a MADE
+#: (``autoregressive``).
+_LAYERS: dict[str, type[FlowModule] | type[ElementwiseMap]] = {
     "planar": Planar,
     "radial": Radial,
     "iaf": AffineAutoregressive,
     "spline": SplineAutoregressive,
+    "softplus_iaf": SoftplusAffineMap,
 }
-_AUTOREGRESSIVE = ("iaf", "spline")
 #: the transform names accepted by :class:`Flow`
 TRANSFORMS = tuple(_LAYERS)
+
+
+def _layer_family(transform: str):
+    """``(layer class, constructor)`` of a registered family."""
+    entry = _LAYERS[transform]
+    if issubclass(entry, ElementwiseMap):
+        return MaskedAutoregressive, functools.partial(MaskedAutoregressive, elementwise=entry)
+    return entry, entry
 
 
 class Flow(nn.Module):
@@ -286,19 +286,21 @@ class Flow(nn.Module):
 
     Args:
         dim: event size :math:`D`.
-        transform: ``"planar"``, ``"radial"``, ``"iaf"`` (affine autoregressive, MADE) or
-            ``"spline"`` (rational-quadratic spline autoregressive, MADE).
+        transform: ``"planar"``, ``"radial"``, ``"iaf"`` (affine autoregressive, MADE),
+            ``"spline"`` (rational-quadratic spline autoregressive, MADE) or ``"softplus_iaf"``
+            (:class:`~pyro_nf.transforms.SoftplusAffineMap` autoregressive, MADE).
         num_transforms: number of flow layers :math:`K` (0 gives a diagonal Normal).
         context_dim: size of the context; 0 for an unconditional flow.
         init_loc, init_scale: the affine layer's start; the untrained flow is exactly
             :math:`\\mathcal N(\\text{init\\_loc}, \\text{init\\_scale}^2)`.
-        hidden_dims: MADE hidden sizes (``"iaf"`` and ``"spline"`` only).
+        hidden_dims: MADE hidden sizes (the autoregressive families only).
         affine_first: put the affine layer before the flow layers instead of after them (see
             the module docs); ``None`` (default): first when ``context_dim > 0``, last otherwise.
             The same parameters either way, a different distribution once trained.
-        fused: evaluate a planar or radial stack as one transform (stacked parameters, one loop,
-            log-dets vectorized): the same numbers, a fraction of the per-layer overhead. The
-            parameters are the same either way, so this can be switched at any time.
+        fused: evaluate a stack of a family that allows it (planar, radial: ``fusable``) as
+            one transform (stacked parameters, one loop, log-dets vectorized): the same numbers,
+            less per-layer overhead. The parameters are the same either way, so this can be
+            switched at any time.
         name: the name under which the flow registers its parameters with Pyro's param store
             (``"{name}$$${parameter path}"``, as ``pyro.module(name, flow)`` would). Called inside a
             Pyro handler (``SVI``, :func:`pyro_nf.fit`, ``Predictive``, ``poutine.trace``), the flow
@@ -311,7 +313,7 @@ class Flow(nn.Module):
             with an error: give each flow of a guide its own ``name``. Outside Pyro handlers and
             inside ``torch.compile`` tracing nothing is registered.
         **layer_kwargs: passed to every layer (e.g. ``log_scale_min`` for IAF, ``inverse_tol`` for
-            planar).
+            planar, ``min_scale`` for ``"softplus_iaf"``).
 
     Example:
         >>> import pyro, torch
@@ -345,16 +347,11 @@ class Flow(nn.Module):
         self.name = _check_name(name)
         if transform not in _LAYERS:
             raise ValueError(f"transform must be one of {TRANSFORMS}, got {transform!r}")
-        if (
-            isinstance(num_transforms, bool)
-            or not isinstance(num_transforms, int)
-            or num_transforms < 0
-        ):
-            raise ValueError(
-                f"num_transforms must be a non-negative integer, got {num_transforms!r}"
-            )
-        if hidden_dims is not None and transform not in _AUTOREGRESSIVE:
-            raise ValueError("hidden_dims applies to transform='iaf' or 'spline' only")
+        integer(num_transforms, "num_transforms", minimum=0)
+        family, make_layer = _layer_family(transform)
+        if hidden_dims is not None and not family.autoregressive:
+            autoregressive = [k for k in _LAYERS if _layer_family(k)[0].autoregressive]
+            raise ValueError(f"hidden_dims applies to transform={autoregressive} only")
         self.transform = transform
         self.context_dim = context_dim
         if affine_first is None:
@@ -362,17 +359,14 @@ class Flow(nn.Module):
         if not isinstance(affine_first, bool):
             raise TypeError(f"affine_first must be True, False or None, got {affine_first!r}")
         self.affine_first = affine_first
-        self.fused = bool(fused) and transform in ("planar", "radial")
+        self.fused = bool(fused) and family.fusable
         layers: list[FlowModule] = []
         for k in range(num_transforms):
-            if transform in _AUTOREGRESSIVE:
+            made = {}  # an autoregressive family's MADE sizes and order, reversed every other layer
+            if family.autoregressive:
                 order = torch.arange(dim).flip(0) if k % 2 else torch.arange(dim)
-                layer = _LAYERS[transform](
-                    dim, context_dim, hidden_dims=hidden_dims, order=order, **layer_kwargs
-                )
-            else:
-                layer = _LAYERS[transform](dim, context_dim, **layer_kwargs)
-            layers.append(layer)
+                made = dict(hidden_dims=hidden_dims, order=order)
+            layers.append(make_layer(dim, context_dim, **made, **layer_kwargs))
         self.layers = nn.ModuleList(layers)
         self.affine = Affine(dim, context_dim, init_loc=init_loc, init_scale=init_scale)
         self.register_buffer("precond_loc", None)
@@ -425,8 +419,9 @@ class Flow(nn.Module):
     def transforms(self, context: Tensor | None = None) -> list[FlowTransform]:
         """The stateless transforms, in the order they act on the base noise.
 
-        With ``fused=True`` (planar and radial), the layers come as one stack transform; a
-        preconditioner (:meth:`set_preconditioner`) comes next, then ``outer_transform`` if set.
+        With ``fused=True`` (a ``fusable`` family: planar, radial), the layers come as one stack
+        transform; a preconditioner (:meth:`set_preconditioner`) comes next, then
+        ``outer_transform`` if set.
         """
         check_context(context, self.context_dim, "Flow")
         affine = [self.affine.condition(context)]
@@ -484,7 +479,7 @@ class Flow(nn.Module):
             "affine_first": self.affine_first,
         }
         if len(self.layers):
-            record.update(_layer_options(self.layers[0]))
+            record.update(self.layers[0].options())
         return record
 
     def get_extra_state(self) -> Tensor:

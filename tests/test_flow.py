@@ -11,7 +11,7 @@ from pyro.optim import Adam
 
 from pyro_nf import Flow, FlowDistribution
 
-FAMILIES = ["planar", "radial", "iaf", "spline"]
+FAMILIES = ["planar", "radial", "iaf", "spline", "softplus_iaf"]
 
 
 def perturbed_flow(

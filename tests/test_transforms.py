@@ -5,6 +5,7 @@ A family counts as done once it is in ``LAYERS``. Checks run in float64 with per
 """
 
 import copy
+import math
 
 import pyro
 import pyro.distributions as dist
@@ -16,11 +17,14 @@ from pyro_nf.transforms import (
     MADE,
     Affine,
     AffineAutoregressive,
+    AutoregressiveTransform,
     FlowModule,
+    MaskedAutoregressive,
     Planar,
     PlanarTransform,
     Radial,
     RadialTransform,
+    SoftplusAffineMap,
     SplineAutoregressive,
     rational_quadratic_spline,
 )
@@ -60,6 +64,13 @@ LAYERS = {
     ),  # fmt: skip
     "spline_silu": lambda d, c: SplineAutoregressive(
         d, c, hidden_dims=(8, 8), num_bins=4, bound=3.0, activation="silu", **_SPLINE_FLOORS
+    ),
+    # the sinh-arcsinh map: one ElementwiseMap subclass run by the generic autoregressive layer
+    "softplus_iaf": lambda d, c: MaskedAutoregressive(
+        d, c, elementwise=SoftplusAffineMap, hidden_dims=(16,)
+    ),
+    "softplus_iaf_reversed": lambda d, c: MaskedAutoregressive(
+        d, c, elementwise=SoftplusAffineMap(min_scale=0.2), order=torch.arange(d).flip(0)
     ),
     "affine": lambda d, c: Affine(d, c, init_loc=0.3, init_scale=2.0),
 }
@@ -199,7 +210,7 @@ def test_pyro_planar_cannot_score_foreign_values():
             d.log_prob(torch.randn(2))
 
 
-@pytest.mark.parametrize("name", ["planar", "radial", "iaf"])
+@pytest.mark.parametrize("name", ["planar", "radial", "iaf", "softplus_iaf"])
 def test_no_overflow_far_out(name):
     layer = make_layer(name, 0)
     x = torch.tensor([[1e4, -1e4, 3e3, 0.0], [-1e6, 1e6, 1.0, 2.0]], dtype=torch.float64)
@@ -444,3 +455,31 @@ def test_planar_inverse_never_cycles_float32():
         y = 4.0 * torch.randn(4000, 2)
         worst = max(worst, (t(t.inv(y)) - y).abs().max().item())
     assert worst < 1e-3
+
+
+def test_softplus_affine_map_formula_and_identity_start():
+    """y = x (min_scale + softplus(a)) + m; the MADE's output bias starts at the map's identity
+    parameters (a non-zero a_0), and the scale stays above min_scale however negative a gets."""
+    layer = MaskedAutoregressive(3, elementwise=SoftplusAffineMap, min_scale=0.25).double()
+    a0 = math.log(math.expm1(0.75))
+    expected_bias = torch.tensor([0.0] * 3 + [a0] * 3, dtype=torch.float64)
+    torch.testing.assert_close(layer.made.out.bias.detach(), expected_bias)  # (set in float32)
+    with torch.no_grad():  # the first coordinate in order sees only the output biases
+        layer.made.out.bias.view(2, 3)[:, 0] = torch.tensor([0.3, -1e3], dtype=torch.float64)
+    x = torch.linspace(-5, 5, 11, dtype=torch.float64)[:, None].expand(11, 3)
+    y, _ = layer.condition().call_and_ladj(x)
+    torch.testing.assert_close(y[:, 0], 0.25 * x[:, 0] + 0.3)
+    torch.testing.assert_close(layer.inv(y), x)
+    assert layer.options()["min_scale"] == 0.25
+    for bad in (0.0, 1.0, float("nan"), True):
+        with pytest.raises(ValueError, match="min_scale must be"):
+            SoftplusAffineMap(min_scale=bad)
+
+
+def test_elementwise_map_arguments_are_not_combined():
+    with pytest.raises(TypeError, match="either elementwise or"):
+        AutoregressiveTransform(lambda x: (x, x), gate_bias=1.0, elementwise=SoftplusAffineMap())
+    with pytest.raises(TypeError, match="built elementwise map"):
+        MaskedAutoregressive(2, elementwise=SoftplusAffineMap(), min_scale=0.5)
+    with pytest.raises(TypeError, match="must be an ElementwiseMap"):
+        MaskedAutoregressive(2, elementwise=torch.nn.Identity())

@@ -1,18 +1,15 @@
-"""Affine autoregressive flow built on MADE: IAF (Kingma et al. 2016) / MAF (Papamakarios et al. 2017).
+"""Autoregressive flow layers on a MADE conditioner: one layer, pluggable elementwise maps.
 
-.. math::
-    y_i = x_i \\exp(s_i(x_{<i})) + m_i(x_{<i}), \\qquad \\log|\\det J| = \\sum_i s_i(x_{<i}),
-
-where :math:`(m, s)` come from one MADE pass (Germain et al. 2015) over :math:`x`, in the variable
-order ``order``. The forward map (sampling, as in IAF) costs one network pass; the inverse
-(scoring, as in MAF) is exact and costs :math:`D` passes: after pass :math:`k` the first :math:`k`
-coordinates in ``order`` are exact, because each :math:`(m_i, s_i)` depends only on earlier ones.
-Use ``layer.inv`` for the MAF direction (fast scoring, sequential sampling).
-
-The log-scale is kept in ``(log_scale_min, log_scale_max) = (l, h)`` by a smooth clamp,
-:math:`s = c \\tanh(a / c)` with :math:`c = h` for :math:`a \\ge 0` and :math:`c = -l` for
-:math:`a < 0`: a zero network output is exactly :math:`s = 0` (the identity), the slope there is 1,
-and unlike a hard clamp the gradient never vanishes abruptly.
+:class:`MaskedAutoregressive` computes, in a variable order ``order``, :math:`y_i = g(x_i;
+\\theta_i(x_{<i}))` with all :math:`\\theta_i` from one MADE pass (Germain et al. 2015) and a
+strictly increasing map :math:`g` (an :class:`~pyro_nf.transforms.elementwise.ElementwiseMap`):
+affine (IAF, Kingma et al. 2016), gated affine, softplus-scaled affine or rational-quadratic
+spline (Durkan et al. 2019). The Jacobian is triangular in that order, so
+:math:`\\log|\\det J| = \\sum_i \\log g'(x_i)`, computed in the same pass. The forward map
+(sampling, as in IAF) costs one network pass; the inverse (scoring, as in MAF, Papamakarios et al.
+2017) is exact and costs :math:`D` passes: after pass :math:`k` the first :math:`k` coordinates in
+``order`` are exact, because each :math:`\\theta_i` depends only on earlier ones. Use
+``layer.inv`` for the MAF direction (fast scoring, sequential sampling).
 
 With ``context_dim > 0`` the context enters the first hidden layer of the MADE through an unmasked
 linear map (Kingma et al. 2016, section 4), so the layer is conditional on it.
@@ -20,7 +17,6 @@ linear map (Kingma et al. 2016, section 4), so the layer is conditional on it.
 
 from __future__ import annotations
 
-import math
 import numbers
 from collections.abc import Callable, Sequence
 
@@ -28,12 +24,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._checks import integer
 from .base import FlowModule, FlowTransform
+from .elementwise import AffineMap, ElementwiseMap, GatedAffineMap, SoftplusAffineMap  # noqa: F401
 
-__all__ = ["AffineAutoregressive", "AutoregressiveTransform", "MADE"]
+__all__ = ["AffineAutoregressive", "AutoregressiveTransform", "MADE", "MaskedAutoregressive"]
 
 #: a MADE unit with more unmasked inputs than this takes the steps of a unit with this many
-#: (see :class:`MADE`); the 2-D benchmarks' MADEs (64 units) are unaffected
+#: (see :class:`MADE`); a MADE whose layers have at most 64 units is unaffected
 FAN_IN_REF = 64
 #: the widest default MADE hidden layer: the default is ``min(max(2 * D, 16), MAX_DEFAULT_WIDTH)``
 MAX_DEFAULT_WIDTH = 128
@@ -80,45 +78,36 @@ def _activation(spec: str | Callable[[], nn.Module]) -> Callable[[], nn.Module]:
     if not callable(spec):
         raise TypeError(f"activation must be a name or a module class, got {spec!r}")
     if isinstance(spec, type):
-        if not issubclass(spec, nn.Module):
-            raise TypeError(
-                f"activation must be a name or a torch.nn.Module class, got the class {spec!r}"
-            )
-        return spec
+        if issubclass(spec, nn.Module):
+            return spec
+        raise TypeError(
+            f"activation must be a name or a torch.nn.Module class, got the class {spec!r}"
+        )
     # Any other callable must build a module when called with no argument (e.g. a
     # functools.partial of a module class); a tensor function such as torch.tanh does not.
     try:
         made = spec()
     except TypeError:
         made = None
-    if not isinstance(made, nn.Module):
-        name = getattr(spec, "__name__", None)
-        hint = (
-            f"pass activation={name.lower()!r} or the module class"
-            if isinstance(name, str) and name.lower() in ACTIVATIONS
-            else "pass a module class such as torch.nn.Tanh, or a function returning a module"
-        )
-        what = f"the function {name}" if isinstance(name, str) else repr(spec)
-        raise TypeError(
-            f"activation must be a name, a torch.nn.Module class or a function that returns a "
-            f"module when called with no argument; got {what}, which does not build a module: "
-            f"{hint}"
-        )
-    return spec
+    if isinstance(made, nn.Module):
+        return spec
+    name = getattr(spec, "__name__", None)
+    known = isinstance(name, str) and name.lower() in ACTIVATIONS
+    raise TypeError(
+        "activation must be a name, a torch.nn.Module class or a function that returns a module "
+        "when called with no argument; got "
+        + (f"the function {name}" if isinstance(name, str) else repr(spec))
+        + ", which does not build a module: "
+        + (f"pass activation={name.lower()!r} or the module class" if known else
+           "pass a module class such as torch.nn.Tanh, or a function returning a module")
+    )  # fmt: skip
 
 
 class _MaskedLinear(nn.Linear):
-    """A linear map with a fixed 0/1 connectivity mask and, for rows with many inputs, a step scale.
-
-    Row :math:`k` computes :math:`y_k = c_k \\sum_j M_{kj} W_{kj} x_j + b_k` with
-    :math:`c_k = \\min(1, n_{\\text{ref}} / n_k)`, :math:`n_k` the row's number of unmasked inputs.
-    The weights are initialized divided by :math:`c_k`, so :math:`c_k W_{kj}` starts as
-    ``nn.Linear`` would start :math:`W_{kj}`: only the size of a training step changes. Adam moves
-    every weight by about ``lr`` per step, and with coherent signs that moves :math:`y_k` by up to
-    ``lr`` :math:`\\sum_j |x_j|`, which grows with :math:`n_k`; with the scale it grows no further
-    than in a layer of :math:`n_{\\text{ref}}` inputs. Rows with at most :math:`n_{\\text{ref}}`
-    inputs are plain masked linear rows (and a layer with no such wide row stores no scale).
-    """
+    """A linear map with a fixed 0/1 connectivity mask; row :math:`k`, with :math:`n_k` unmasked
+    inputs, computes :math:`c_k \\sum_j M_{kj} W_{kj} x_j + b_k` with
+    :math:`c_k = \\min(1, n_{\\text{ref}} / n_k)` and :math:`W` initialized divided by :math:`c_k`
+    (see :class:`MADE`); a layer with no row wider than :math:`n_{\\text{ref}}` stores no scale."""
 
     def __init__(self, mask: Tensor, fan_in_ref: int | None = None) -> None:
         super().__init__(mask.shape[1], mask.shape[0])
@@ -154,19 +143,15 @@ class MADE(nn.Module):
     :class:`AffineAutoregressive`. Output ``i`` of every one depends only on inputs that come before
     ``i`` in ``order``. The output layer starts at zero, so a fresh network returns zeros.
 
-    Steps that do not grow with the width. Adam changes every weight by about ``lr`` per step, so
-    a unit with :math:`n` inputs :math:`x_j` can move by ``lr`` :math:`\\sum_j |x_j|` in one step
-    when the signs agree: by :math:`O(n \\cdot \\mathrm{lr})`. For the output layer that is the
-    log-scale of every coordinate; with the old default width :math:`2D` and ``lr=0.01`` it moved
-    by several units per step at :math:`D = 1000` and the fit diverged. So a unit with
-    :math:`n > n_{\\text{ref}}` (``fan_in_ref``) unmasked inputs computes
-    :math:`(n_{\\text{ref}} / n) \\sum_j W_j x_j + b`, with :math:`W` initialized
-    :math:`n / n_{\\text{ref}}` times larger: the same function at the start, steps no larger
-    than those of a unit with :math:`n_{\\text{ref}}` inputs (the step size a network of that
-    width is tuned for; a scaling like that of Yang et al. 2021's maximal-update
-    parametrization for Adam). Units with at most :math:`n_{\\text{ref}}` inputs are plain.
-    A hidden layer narrower than :math:`D - 1` gets degrees spread evenly over ``1..D-1``, so
-    that every coordinate conditions on some recent ones, not only on the first few.
+    Steps that do not grow with the width: Adam moves every weight by about ``lr`` per step, so a
+    unit with :math:`n` inputs can move by :math:`O(n \\cdot \\mathrm{lr})`, for the output layer
+    the log-scale of every coordinate. A unit with :math:`n > n_{\\text{ref}}` (``fan_in_ref``)
+    unmasked inputs therefore computes :math:`(n_{\\text{ref}} / n) \\sum_j W_j x_j + b`, with
+    :math:`W` initialized :math:`n / n_{\\text{ref}}` times larger: the same function at the start,
+    steps no larger than those of a unit with :math:`n_{\\text{ref}}` inputs (a scaling like Yang
+    et al. 2021's maximal-update parametrization for Adam). A hidden layer narrower than
+    :math:`D - 1` gets degrees spread evenly over ``1..D-1``, so that every coordinate conditions
+    on some recent ones, not only on the first few.
 
     Args:
         dim: number of variables :math:`D`.
@@ -175,11 +160,10 @@ class MADE(nn.Module):
         context_dim: size of an optional context added to the first hidden layer.
         activation: the hidden nonlinearity: a module class such as :class:`torch.nn.GELU`, or
             one of the names ``"elu"`` (default), ``"gelu"``, ``"silu"``, ``"tanh"``, ``"relu"``.
-        num_params: number of outputs per variable (2 for the affine layer; the spline layer
-            uses ``3 * num_bins - 1``).
+        num_params: number of outputs per variable (the elementwise map's ``num_params``: 2
+            for the affine layer, ``3 * num_bins - 1`` for the spline layer).
         fan_in_ref: the number of inputs above which a unit's steps are scaled down (see
-            above); ``None`` for plain masked layers at any width (pyro_nf 0.1.0's MADE, with
-            which the VAE results in ``benchmarks/results``, 100-unit MADEs, were made).
+            above); ``None`` for plain masked layers at any width (pyro_nf 0.1.0's MADE).
 
     Example:
         >>> import torch
@@ -208,14 +192,8 @@ class MADE(nn.Module):
     ) -> None:
         super().__init__()
         activation = _activation(activation)
-        if fan_in_ref is not None and (
-            isinstance(fan_in_ref, bool) or not isinstance(fan_in_ref, int) or fan_in_ref < 1
-        ):
-            raise ValueError(f"fan_in_ref must be None or a positive integer, got {fan_in_ref!r}")
-        if isinstance(num_params, bool) or not isinstance(num_params, int) or num_params < 1:
-            raise ValueError(f"num_params must be a positive integer, got {num_params!r}")
-        self.num_params = num_params
-        self.fan_in_ref = fan_in_ref
+        self.fan_in_ref = integer(fan_in_ref, "fan_in_ref", allow_none=True)
+        self.num_params = integer(num_params, "num_params")
         hidden_dims = _check_hidden_dims(hidden_dims)
         self.dim = dim
         deg_in = torch.empty(dim, dtype=torch.long)
@@ -248,76 +226,6 @@ class MADE(nn.Module):
         if self.num_params == 2:
             return out[..., : self.dim], out[..., self.dim :]
         return out.unflatten(-1, (self.num_params, self.dim)).unbind(-2)
-
-
-class AutoregressiveTransform(FlowTransform):
-    """Stateless affine autoregressive map given a conditioner ``x -> (m, a)``.
-
-    Args:
-        conditioner: callable returning the shift ``m`` and the unbounded log-scale ``a`` (each of
-            the input's shape), autoregressive in some order.
-        log_scale_min, log_scale_max: bounds of the log-scale; ``log_scale_min < 0 < log_scale_max``.
-        gate_bias: ``None`` (default) for the update above; a number :math:`c` for the gated
-            update (see :class:`AffineAutoregressive`).
-
-    Example:
-        >>> import torch
-        >>> def conditioner(x):  # m_1 and a_1 depend on x_0; m_0 = a_0 = 0
-        ...     zero = torch.zeros_like(x[..., 0])
-        ...     return torch.stack([zero, x[..., 0]], -1), torch.stack([zero, 0.5 * x[..., 0]], -1)
-        >>> t = AutoregressiveTransform(conditioner)
-        >>> y, ladj = t.call_and_ladj(torch.tensor([1.0, 2.0]))
-        >>> y, ladj  # y_1 = 2 exp(s) + 1 with s = 3 tanh(0.5 / 3), the smoothly bounded 0.5
-        (tensor([1.0000, 4.2824]), tensor(0.4954))
-        >>> torch.allclose(t.inv(y), torch.tensor([1.0, 2.0]))  # two sequential passes
-        True
-    """
-
-    def __init__(
-        self,
-        conditioner: Callable[[Tensor], tuple[Tensor, Tensor]],
-        log_scale_min: float = -5.0,
-        log_scale_max: float = 3.0,
-        gate_bias: float | None = None,
-    ) -> None:
-        super().__init__()
-        if not log_scale_min < 0.0 < log_scale_max:
-            raise ValueError(
-                f"need log_scale_min < 0 < log_scale_max, got {log_scale_min}, {log_scale_max}"
-            )
-        self.conditioner = conditioner
-        self.lo = float(log_scale_min)
-        self.hi = float(log_scale_max)
-        if gate_bias is not None and (
-            isinstance(gate_bias, bool) or not isinstance(gate_bias, (int, float))
-            or not math.isfinite(gate_bias)
-        ):  # fmt: skip
-            raise ValueError(f"gate_bias must be None or a finite number, got {gate_bias!r}")
-        self.gate_bias = None if gate_bias is None else float(gate_bias)
-
-    def _mls(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        m, a = self.conditioner(x)
-        if self.gate_bias is not None:
-            g = a + self.gate_bias  # y = x sigmoid(g) / sigmoid(c) + (1 - sigmoid(g)) m
-            s = F.logsigmoid(g) - F.logsigmoid(a.new_tensor(self.gate_bias))
-            return torch.sigmoid(-g) * m, s
-        c = torch.where(a >= 0, self.hi, -self.lo).to(a.dtype)
-        return m, c * torch.tanh(a / c)
-
-    def call_and_ladj(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        m, s = self._mls(x)
-        return x * torch.exp(s) + m, s.sum(-1)
-
-    def inverse_and_ladj(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        x = y
-        for _ in range(y.shape[-1]):
-            m, s = self._mls(x)
-            x = (y - m) * torch.exp(-s)
-        # (m, s) of the last pass saw every coordinate but the last in order, which none depends on.
-        return x, s.sum(-1)
-
-    def _inverse(self, y: Tensor) -> Tensor:
-        return self.inverse_and_ladj(y)[0]
 
 
 def _check_hidden_dims(hidden_dims) -> tuple[int, ...]:
@@ -361,29 +269,182 @@ def made_layout(
     return hidden_dims, order
 
 
-class AffineAutoregressive(FlowModule):
-    """Affine autoregressive layer (IAF direction) with a MADE conditioner, optionally conditional.
+class AutoregressiveTransform(FlowTransform):
+    """Stateless autoregressive map: an :class:`ElementwiseMap` whose parameters come from a
+    conditioner. Forward (and its log-det) in one conditioner pass, the exact inverse in :math:`D`.
+
+    Args:
+        conditioner: callable ``x -> params``, a tuple of the map's ``num_params`` tensors (each of
+            the input's shape), autoregressive in some order.
+        log_scale_min, log_scale_max: bounds of the log-scale of the default affine map;
+            ``log_scale_min < 0 < log_scale_max``.
+        gate_bias: ``None`` (default) for the affine map, a number :math:`c` for the gated one
+            (see :class:`AffineAutoregressive`).
+        elementwise: the map of each coordinate; by default the affine map the three arguments
+            above describe (they cannot be combined with it).
+
+    Example:
+        >>> import torch
+        >>> def conditioner(x):  # m_1 and a_1 depend on x_0; m_0 = a_0 = 0
+        ...     zero = torch.zeros_like(x[..., 0])
+        ...     return torch.stack([zero, x[..., 0]], -1), torch.stack([zero, 0.5 * x[..., 0]], -1)
+        >>> t = AutoregressiveTransform(conditioner)
+        >>> y, ladj = t.call_and_ladj(torch.tensor([1.0, 2.0]))
+        >>> y, ladj  # y_1 = 2 exp(s) + 1 with s = 3 tanh(0.5 / 3), the smoothly bounded 0.5
+        (tensor([1.0000, 4.2824]), tensor(0.4954))
+        >>> torch.allclose(t.inv(y), torch.tensor([1.0, 2.0]))  # two sequential passes
+        True
+    """
+
+    def __init__(
+        self,
+        conditioner: Callable[[Tensor], tuple[Tensor, ...]],
+        log_scale_min: float = -5.0,
+        log_scale_max: float = 3.0,
+        gate_bias: float | None = None,
+        *,
+        elementwise: ElementwiseMap | None = None,
+    ) -> None:
+        super().__init__()
+        if elementwise is None:
+            elementwise = affine_map(log_scale_min, log_scale_max, gate_bias)
+        elif (log_scale_min, log_scale_max, gate_bias) != (-5.0, 3.0, None):
+            raise TypeError(
+                "AutoregressiveTransform: pass either elementwise or the affine map's "
+                "log_scale_min, log_scale_max and gate_bias, not both"
+            )
+        self.conditioner = conditioner
+        self.elementwise = elementwise
+
+    def call_and_ladj(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        y, ladj = self.elementwise.forward(x, self.conditioner(x))
+        return y, ladj.sum(-1)
+
+    def inverse_and_ladj(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        # After pass k the first k coordinates in order are exact, since each one's parameters
+        # depend only on earlier ones; the last pass saw every coordinate but the last in order,
+        # which none depends on, so its log-derivatives are those at the returned x.
+        x = y
+        for _ in range(y.shape[-1]):
+            x, ladj = self.elementwise.inverse(y, self.conditioner(x))
+        return x, ladj.sum(-1)
+
+    def _inverse(self, y: Tensor) -> Tensor:
+        return self.inverse_and_ladj(y)[0]
+
+
+def affine_map(
+    log_scale_min: float = -5.0, log_scale_max: float = 3.0, gate_bias: float | None = None
+) -> AffineMap:
+    """The affine elementwise map: :class:`GatedAffineMap` when ``gate_bias`` is a number, else
+    :class:`AffineMap`."""
+    if gate_bias is None:
+        return AffineMap(log_scale_min, log_scale_max)
+    return GatedAffineMap(gate_bias, log_scale_min, log_scale_max)
+
+
+class MaskedAutoregressive(FlowModule):
+    """Autoregressive layer (IAF direction): a MADE conditioner and a pluggable elementwise map.
+
+    Owns the MADE, the variable order and, through :class:`AutoregressiveTransform`, the one-pass
+    forward and the :math:`D`-pass inverse; the :class:`ElementwiseMap` says what happens to each
+    coordinate. The MADE outputs the map's ``num_params`` numbers per coordinate and starts at its
+    :meth:`~ElementwiseMap.identity_params`, so a fresh layer is the identity.
+    :class:`AffineAutoregressive` and :class:`SplineAutoregressive` are this layer with their maps.
+
+    Args:
+        dim: number of variables :math:`D`.
+        context_dim: size of the context; 0 for none.
+        elementwise: an :class:`ElementwiseMap`, or an :class:`ElementwiseMap` subclass built
+            with ``**options``.
+        hidden_dims: MADE hidden sizes; default ``(min(max(2 * dim, 16), 128),)``.
+        order: permutation of ``range(dim)``, the autoregressive order; default ``range(dim)``.
+            :class:`pyro_nf.Flow` reverses it on every other layer, so that in a stack of two or
+            more layers every coordinate conditions on every other.
+        activation: hidden nonlinearity of the MADE, a module class or a name (see :class:`MADE`).
+        fan_in_ref: MADE units with more inputs than this take the steps of a unit with this
+            many (see :class:`MADE`); ``None`` for plain masked layers at any width.
+        **options: the map's arguments when ``elementwise`` is a class.
+
+    Example:
+        >>> import torch
+        >>> layer = MaskedAutoregressive(3, elementwise=SoftplusAffineMap, min_scale=0.1)
+        >>> x = torch.randn(5, 3)
+        >>> torch.allclose(layer(x), x, atol=1e-6)  # identity at initialization
+        True
+    """
+
+    autoregressive = True
+
+    def __init__(
+        self,
+        dim: int,
+        context_dim: int = 0,
+        *,
+        elementwise: ElementwiseMap | type[ElementwiseMap],
+        hidden_dims: Sequence[int] | None = None,
+        order: Sequence[int] | Tensor | None = None,
+        activation: str | Callable[[], nn.Module] = nn.ELU,
+        fan_in_ref: int | None = FAN_IN_REF,
+        **options,
+    ) -> None:
+        super().__init__(dim, context_dim)
+        hidden_dims, order = made_layout(dim, hidden_dims, order)
+        if isinstance(elementwise, type):
+            elementwise = elementwise(**options)
+        elif options:
+            raise TypeError(f"unexpected arguments {sorted(options)} with a built elementwise map")
+        if not isinstance(elementwise, ElementwiseMap):
+            raise TypeError(f"elementwise must be an ElementwiseMap, got {elementwise!r}")
+        self.elementwise = elementwise
+        self.register_buffer("order", order)
+        self.made = MADE(
+            dim, hidden_dims, order, context_dim, activation,
+            num_params=elementwise.num_params, fan_in_ref=fan_in_ref,
+        )  # fmt: skip
+        identity = torch.tensor(elementwise.identity_params(), dtype=self.made.out.bias.dtype)
+        with torch.no_grad():
+            self.made.out.bias.copy_(identity.repeat_interleave(dim))
+
+    def _transform(self, context: Tensor | None) -> AutoregressiveTransform:
+        if context is None:
+            conditioner = self.made
+        else:
+
+            def conditioner(x: Tensor) -> tuple[Tensor, ...]:
+                return self.made(x, context)
+
+        return AutoregressiveTransform(conditioner, elementwise=self.elementwise)
+
+    def options(self) -> dict:
+        return {
+            **self.elementwise.options(),
+            "hidden_dims": [int(h.out_features) for h in self.made.hidden],
+            "activation": repr(self.made.activation),
+            "fan_in_ref": self.made.fan_in_ref,  # (scales each unit's map for given weights)
+        }
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, elementwise={self.elementwise!r}"
+
+
+class AffineAutoregressive(MaskedAutoregressive):
+    """Affine autoregressive layer (IAF, Kingma et al. 2016; ``layer.inv`` is MAF, Papamakarios
+    et al. 2017): :class:`MaskedAutoregressive` with :class:`AffineMap`, or with
+    :class:`GatedAffineMap` when ``gate_bias`` is a number.
+
+    .. math::
+        y_i = x_i \\exp(s_i(x_{<i})) + m_i(x_{<i}), \\qquad \\log|\\det J| = \\sum_i s_i(x_{<i}).
 
     Args:
         dim: number of variables :math:`D`.
         context_dim: size of the context fed into the first hidden layer; 0 for none.
-        hidden_dims: MADE hidden sizes; default ``(min(max(2 * dim, 16), 128),)``.
-        order: permutation of ``range(dim)`` giving the autoregressive order; default
-            ``range(dim)``. :class:`pyro_nf.Flow` reverses it on every other layer, so that in a
-            stack of two or more layers every coordinate conditions on every other.
-        log_scale_min, log_scale_max: smooth bounds of the log-scale.
-        activation: hidden nonlinearity of the MADE, a module class or a name (see :class:`MADE`);
-            default :class:`torch.nn.ELU`. On the 2-D toy densities a smooth one (``"gelu"``)
-            fits far better (``docs/benchmarks``).
-        gate_bias: ``None`` (default) for the update :math:`y = x e^{s} + m`. A number :math:`c`
-            for the gated update of Kingma et al. (2016, eqs. 11-12),
-            :math:`\\sigma = \\operatorname{sigmoid}(a + c)`,
-            :math:`y = x \\sigma / \\operatorname{sigmoid}(c) + (1 - \\sigma) m`, whose scale is
-            at most :math:`1 / \\operatorname{sigmoid}(c)` (no exponential blow-up). Dividing by
-            :math:`\\operatorname{sigmoid}(c)` keeps the fresh layer exactly the identity; the
-            paper uses :math:`c` of 1 or 2. The log-scale bounds are then unused.
-        fan_in_ref: MADE units with more inputs than this take the steps of a unit with this
-            many (see :class:`MADE`); ``None`` for plain masked layers at any width.
+        hidden_dims, order, activation, fan_in_ref: see :class:`MaskedAutoregressive`.
+        log_scale_min, log_scale_max: smooth bounds of the log-scale (see :class:`AffineMap`).
+        gate_bias: ``None`` (default) for the update :math:`y = x e^{s} + m`; a number :math:`c`
+            for the gated update of Kingma et al. (2016, eqs. 11-12), whose scale is at most
+            :math:`1 / \\operatorname{sigmoid}(c)` (:class:`GatedAffineMap`; the paper uses
+            :math:`c` of 1 or 2). The log-scale bounds are then unused.
 
     Example:
         >>> import torch
@@ -406,24 +467,9 @@ class AffineAutoregressive(FlowModule):
         gate_bias: float | None = None,
         fan_in_ref: int | None = FAN_IN_REF,
     ) -> None:
-        super().__init__(dim, context_dim)
-        hidden_dims, order = made_layout(dim, hidden_dims, order)
-        self.register_buffer("order", order)
-        self.made = MADE(dim, hidden_dims, order, context_dim, activation, fan_in_ref=fan_in_ref)
-        # validates the bounds once, at construction
-        AutoregressiveTransform(self.made, log_scale_min, log_scale_max, gate_bias)
-        self.log_scale_min = float(log_scale_min)
-        self.log_scale_max = float(log_scale_max)
+        super().__init__(
+            dim, context_dim, elementwise=affine_map(log_scale_min, log_scale_max, gate_bias),
+            hidden_dims=hidden_dims, order=order, activation=activation, fan_in_ref=fan_in_ref,
+        )  # fmt: skip
+        self.log_scale_min, self.log_scale_max = float(log_scale_min), float(log_scale_max)
         self.gate_bias = None if gate_bias is None else float(gate_bias)
-
-    def _transform(self, context: Tensor | None) -> AutoregressiveTransform:
-        if context is None:
-            conditioner = self.made
-        else:
-
-            def conditioner(x: Tensor) -> tuple[Tensor, Tensor]:
-                return self.made(x, context)
-
-        return AutoregressiveTransform(
-            conditioner, self.log_scale_min, self.log_scale_max, self.gate_bias
-        )

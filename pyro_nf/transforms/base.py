@@ -19,6 +19,8 @@ from pyro.distributions.torch_transform import TransformModule
 from torch import Tensor, nn
 from torch.distributions import Transform, constraints
 
+from .._checks import integer
+
 __all__ = ["ChainTransform", "FlowTransform", "FlowModule", "inverse_softplus"]
 
 
@@ -131,9 +133,7 @@ def _as_batch_tensor(ladj: Tensor | float, x: Tensor) -> Tensor:
 
 
 def _check_dim(dim: int, name: str = "dim") -> int:
-    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-        raise ValueError(f"{name} must be a positive integer, got {dim!r}")
-    return dim
+    return int(integer(dim, name))
 
 
 class FlowModule(TransformModule):
@@ -160,20 +160,29 @@ class FlowModule(TransformModule):
     codomain = constraints.real_vector
     bijective = True
     sign = 1
+    #: the family implements ``_build(raw, stacked=True)``, so :class:`pyro_nf.Flow` can run a
+    #: stack of its layers as one transform (``fused=True``)
+    fusable = False
+    #: the family takes a MADE's ``hidden_dims`` and a variable ``order`` (:class:`pyro_nf.Flow`
+    #: reverses the order on every other layer)
+    autoregressive = False
 
     def __init__(self, dim: int, context_dim: int = 0) -> None:
         super().__init__(cache_size=0)
         self.dim = _check_dim(dim)
-        if isinstance(context_dim, bool) or not isinstance(context_dim, int) or context_dim < 0:
-            raise ValueError(f"context_dim must be a non-negative integer, got {context_dim!r}")
-        self.context_dim = context_dim
+        self.context_dim = int(integer(context_dim, "context_dim", minimum=0))
 
     # -- to be provided by subclasses -------------------------------------------------------
     def _build(self, raw: Tensor, stacked: bool = False) -> FlowTransform:
         """The transform for raw parameters ``raw``; with ``stacked=True``, ``raw`` has an extra
-        layer dimension at -2 and the result applies those layers in order (families that
-        support it: planar, radial)."""
+        layer dimension at -2 and the result applies those layers in order (families with
+        :attr:`fusable` set)."""
         raise NotImplementedError
+
+    def options(self) -> dict:
+        """The settings that change this layer's map for given parameters, as plain values
+        (recorded by :meth:`pyro_nf.Flow.record`); none by default."""
+        return {}
 
     # -- helpers for the common "raw vector or linear head" layout -------------------------
     def _init_params(self, raw_init: Tensor) -> None:

@@ -217,6 +217,8 @@ class Planar(FlowModule):
         torch.Size([])
     """
 
+    fusable = True
+
     def __init__(self, dim: int, context_dim: int = 0, *, inverse_tol: float | None = None) -> None:
         super().__init__(dim, context_dim)
         self.inverse_tol = _check_inverse_tol(inverse_tol)

@@ -138,6 +138,8 @@ class Radial(FlowModule):
         True
     """
 
+    fusable = True
+
     def __init__(self, dim: int, context_dim: int = 0) -> None:
         super().__init__(dim, context_dim)
         alpha_raw = inverse_softplus(torch.tensor([1.0]))

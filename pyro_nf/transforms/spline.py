@@ -1,33 +1,17 @@
 """Rational-quadratic spline autoregressive flow (neural spline flow, Durkan et al. 2019).
 
 Each coordinate goes through a monotone rational-quadratic spline on :math:`[-B, B]` with
-:math:`K` bins, whose bin widths, bin heights and inner knot derivatives come from a MADE pass
-(Germain et al. 2015) over the earlier coordinates in ``order``; outside :math:`[-B, B]` the map
-is the identity. In bin :math:`k`, with knots :math:`(x_k, y_k)`, widths :math:`w_k`, heights
-:math:`h_k`, slope :math:`s_k = h_k / w_k`, knot derivatives :math:`d_k, d_{k+1}` and
-:math:`\\xi = (x - x_k) / w_k` (Durkan et al. 2019, eqs. 4-8; Gregory & Delbourgo 1982):
-
-.. math::
-    y = y_k + h_k \\frac{s_k \\xi^2 + d_k \\xi (1 - \\xi)}
-        {s_k + (d_{k+1} + d_k - 2 s_k) \\xi (1 - \\xi)},
-    \\qquad
-    \\frac{dy}{dx} = \\frac{s_k^2 \\left(d_{k+1} \\xi^2 + 2 s_k \\xi (1 - \\xi)
-        + d_k (1 - \\xi)^2\\right)}{\\left(s_k + (d_{k+1} + d_k - 2 s_k) \\xi (1 - \\xi)\\right)^2}.
-
-The inverse inside a bin is the root in :math:`[0, 1]` of a quadratic, in closed form; the
-autoregressive inverse costs :math:`D` network passes, as for :class:`AffineAutoregressive`.
+:math:`K` bins (Gregory & Delbourgo 1982; Durkan et al. 2019, eqs. 4-8), the identity outside,
+whose bin widths, heights and inner knot derivatives come from a MADE pass over the earlier
+coordinates: :class:`SplineAutoregressive` is :class:`~pyro_nf.transforms.MaskedAutoregressive`
+with :class:`RationalQuadraticMap`. The formulas, the closed-form inverse in a bin and the choice
+of :math:`B` are on the docs page ``docs/flows/spline.rst``.
 
 Parameterization: widths and heights are ``min_bin_width + (1 - K min_bin_width) softmax(raw)``
 (times :math:`2B`), the inner derivatives ``min_derivative + softplus(raw + c)`` with :math:`c` set
 so that a zero ``raw`` gives derivative 1, and the two boundary derivatives are 1, so the map is
 continuously differentiable at :math:`\\pm B`. A fresh network outputs zeros: equal bins, every
 derivative 1, which is exactly the identity.
-
-Unlike an affine layer, one spline layer can bend a unimodal density into a multimodal one; on
-2-D densities with several modes (Rezende & Mohamed's U1-U4) it is the family that fits them.
-Where :math:`B` sits matters: in :class:`pyro_nf.Flow` (no context) the layers act on the
-standardized coordinates, before the learnable affine layer, so :math:`B = 5` covers the base
-:math:`\\mathcal N(0, 1)` with room to spare.
 """
 
 from __future__ import annotations
@@ -39,10 +23,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .autoregressive import FAN_IN_REF, MADE, made_layout
-from .base import FlowModule, FlowTransform
+from .._checks import integer, number
+from .autoregressive import FAN_IN_REF, AutoregressiveTransform, MaskedAutoregressive
+from .elementwise import ElementwiseMap
 
-__all__ = ["SplineAutoregressive", "SplineAutoregressiveTransform", "rational_quadratic_spline"]
+__all__ = [
+    "RationalQuadraticMap",
+    "SplineAutoregressive",
+    "SplineAutoregressiveTransform",
+    "rational_quadratic_spline",
+]
 
 
 def _knots(raw: Tensor, bound: float, min_size: float) -> tuple[Tensor, Tensor]:
@@ -64,10 +54,7 @@ def _check_spline_args(
     min_derivative: float,
 ) -> None:  # fmt: skip
     """Refuse spline settings that would give a wrong or undefined map, naming the argument."""
-    if not (isinstance(bound, (int, float)) and not isinstance(bound, bool)) or not (
-        math.isfinite(bound) and bound > 0
-    ):
-        raise ValueError(f"bound must be a positive finite number, got {bound!r}")
+    number(bound, "bound")
     if num_bins is not None:
         for name, v in [("min_bin_width", min_bin_width), ("min_bin_height", min_bin_height)]:
             if not 0 < v * num_bins < 1:
@@ -75,6 +62,42 @@ def _check_spline_args(
     # the inner derivatives are min_derivative + softplus(raw + c), with c = log(e^(1 - min) - 1)
     if not 0 < min_derivative < 1:
         raise ValueError(f"min_derivative must be in (0, 1), got {min_derivative!r}")
+
+
+def _bins(x: Tensor, raw: tuple[Tensor, Tensor, Tensor], bound: float, inverse: bool, mins):
+    """Per element of ``x``: the width, height, left knot ``(x_k, y_k)`` and knot derivatives
+    ``d_k, d_{k+1}`` of the bin ``x`` falls in (searched among the y-knots when ``inverse``)."""
+    min_bin_width, min_bin_height, min_derivative = mins
+    k = raw[0].shape[-1]
+    widths, xk = _knots(raw[0], bound, min_bin_width)
+    heights, yk = _knots(raw[1], bound, min_bin_height)
+    shift = math.log(math.expm1(1.0 - min_derivative))  # softplus(0 + shift) + min_d = 1
+    inner = min_derivative + F.softplus(raw[2] + shift)
+    one = torch.ones_like(inner[..., :1])
+    derivs = torch.cat([one, inner, one], dim=-1)
+    xc_b, knots = torch.broadcast_tensors(x.unsqueeze(-1), yk if inverse else xk)
+    idx = (xc_b[..., :1] >= knots[..., 1:-1]).sum(-1)
+    shape = idx.shape
+    w, h = _gather(widths.expand(*shape, k), idx), _gather(heights.expand(*shape, k), idx)
+    x0, y0 = _gather(xk.expand(*shape, k + 1), idx), _gather(yk.expand(*shape, k + 1), idx)
+    d0 = _gather(derivs.expand(*shape, k + 1), idx)
+    d1 = _gather(derivs.expand(*shape, k + 1), idx + 1)
+    return w, h, x0, y0, d0, d1
+
+
+def _inverse_xi(dy: Tensor, h: Tensor, s: Tensor, d0: Tensor, curv: Tensor) -> Tensor:
+    """The root in [0, 1] of the bin's quadratic for the height ``dy`` above its left knot."""
+    a = h * (s - d0) + dy * curv
+    b = h * d0 - dy * curv
+    c = -s * dy
+    sq = torch.sqrt((b * b - 4 * a * c).clamp_min(0.0))
+    # The root in whichever of its two equal forms does not cancel: 2c / (-b - sq) for b >= 0,
+    # (-b + sq) / (2a) for b < 0 (then a > 0). The unused branch gets a harmless denominator, so
+    # that no inf or nan reaches the gradient.
+    pos = b >= 0
+    den = torch.where(pos, -b - sq, 2 * a)
+    den = torch.where(den == 0, torch.ones_like(den), den)
+    return (torch.where(pos, 2 * c, -b + sq) / den).clamp(0.0, 1.0)
 
 
 def rational_quadratic_spline(
@@ -120,40 +143,18 @@ def rational_quadratic_spline(
             f"{raw_heights.shape[-1]} and {raw_derivatives.shape[-1]}"
         )
     _check_spline_args(k, bound, min_bin_width, min_bin_height, min_derivative)
-    widths, xk = _knots(raw_widths, bound, min_bin_width)
-    heights, yk = _knots(raw_heights, bound, min_bin_height)
-    shift = math.log(math.expm1(1.0 - min_derivative))  # softplus(0 + shift) + min_d = 1
-    inner = min_derivative + F.softplus(raw_derivatives + shift)
-    one = torch.ones_like(inner[..., :1])
-    derivs = torch.cat([one, inner, one], dim=-1)
-
     inside = (x >= -bound) & (x <= bound)
     xc = x.clamp(-bound, bound)
-    knots = yk if inverse else xk
-    xc_b, knots = torch.broadcast_tensors(xc.unsqueeze(-1), knots)
-    idx = (xc_b[..., :1] >= knots[..., 1:-1]).sum(-1)
-    shape = idx.shape
-    w, h = _gather(widths.expand(*shape, k), idx), _gather(heights.expand(*shape, k), idx)
-    x0, y0 = _gather(xk.expand(*shape, k + 1), idx), _gather(yk.expand(*shape, k + 1), idx)
-    d0 = _gather(derivs.expand(*shape, k + 1), idx)
-    d1 = _gather(derivs.expand(*shape, k + 1), idx + 1)
+    mins = (min_bin_width, min_bin_height, min_derivative)
+    w, h, x0, y0, d0, d1 = _bins(
+        xc, (raw_widths, raw_heights, raw_derivatives), bound, inverse, mins
+    )
+    shape = w.shape
     s = h / w
     curv = d1 + d0 - 2 * s
     xc = xc.expand(shape)
     if inverse:
-        dy = xc - y0
-        a = h * (s - d0) + dy * curv
-        b = h * d0 - dy * curv
-        c = -s * dy
-        sq = torch.sqrt((b * b - 4 * a * c).clamp_min(0.0))
-        # The root in [0, 1], in whichever of its two equal forms does not cancel:
-        # 2c / (-b - sq) for b >= 0, (-b + sq) / (2a) for b < 0 (then a > 0). The unused branch
-        # gets a harmless denominator, so that no inf or nan reaches the gradient.
-        pos = b >= 0
-        den = torch.where(pos, -b - sq, 2 * a)
-        den = torch.where(den == 0, torch.ones_like(den), den)
-        xi = torch.where(pos, 2 * c, -b + sq) / den
-        xi = xi.clamp(0.0, 1.0)
+        xi = _inverse_xi(xc - y0, h, s, d0, curv)
     else:
         xi = ((xc - x0) / w).clamp(0.0, 1.0)
     t = xi * (1 - xi)
@@ -168,7 +169,64 @@ def rational_quadratic_spline(
     return torch.where(inside, out, x_full), torch.where(inside, ladj, torch.zeros_like(ladj))
 
 
-class SplineAutoregressiveTransform(FlowTransform):
+class RationalQuadraticMap(ElementwiseMap):
+    """The rational-quadratic spline as an :class:`~pyro_nf.transforms.elementwise.ElementwiseMap`.
+
+    Its ``3K - 1`` parameters per coordinate are ``K`` raw widths, ``K`` raw heights and ``K - 1``
+    raw inner derivatives (see :func:`rational_quadratic_spline`); all zero is the identity.
+
+    Args:
+        num_bins: :math:`K`, an integer >= 2; ``None`` to take it from the parameters' number
+            (then ``num_params`` is unknown, which only a layer that builds a MADE needs).
+        bound, min_bin_width, min_bin_height, min_derivative: see
+            :func:`rational_quadratic_spline`.
+
+    Example:
+        >>> import torch
+        >>> rq = RationalQuadraticMap(num_bins=2, bound=1.0)
+        >>> raw = tuple(torch.tensor([v]) for v in (0.5, 0.0, 0.0, 0.0, 1.0))
+        >>> y, ladj = rq.forward(torch.tensor([0.3]), raw)
+        >>> torch.allclose(rq.inverse(y, raw)[0], torch.tensor([0.3]))
+        True
+    """
+
+    def __init__(
+        self,
+        num_bins: int | None = 8,
+        bound: float = 5.0,
+        *,
+        min_bin_width: float = 1e-3,
+        min_bin_height: float = 1e-3,
+        min_derivative: float = 1e-3,
+    ) -> None:
+        if num_bins is not None:
+            integer(num_bins, "num_bins", minimum=2)
+        _check_spline_args(num_bins, bound, min_bin_width, min_bin_height, min_derivative)
+        self.num_bins = num_bins
+        self.num_params = None if num_bins is None else 3 * num_bins - 1
+        self.bound = float(bound)
+        self.mins = dict(
+            min_bin_width=float(min_bin_width), min_bin_height=float(min_bin_height),
+            min_derivative=float(min_derivative),
+        )  # fmt: skip
+
+    def _spline(self, x: Tensor, params, inverse: bool) -> tuple[Tensor, Tensor]:
+        raw = torch.stack(params, -1)
+        k = (raw.shape[-1] + 1) // 3
+        w, h, d = raw[..., :k], raw[..., k : 2 * k], raw[..., 2 * k :]
+        return rational_quadratic_spline(x, w, h, d, bound=self.bound, inverse=inverse, **self.mins)
+
+    def forward(self, x: Tensor, params) -> tuple[Tensor, Tensor]:
+        return self._spline(x, params, inverse=False)
+
+    def inverse(self, y: Tensor, params) -> tuple[Tensor, Tensor]:
+        return self._spline(y, params, inverse=True)
+
+    def options(self) -> dict:
+        return {"num_bins": self.num_bins, "bound": self.bound, **self.mins}
+
+
+class SplineAutoregressiveTransform(AutoregressiveTransform):
     """Stateless autoregressive spline map given a conditioner.
 
     Args:
@@ -200,57 +258,26 @@ class SplineAutoregressiveTransform(FlowTransform):
         min_bin_height: float = 1e-3,
         min_derivative: float = 1e-3,
     ) -> None:
-        super().__init__()
-        _check_spline_args(None, bound, min_bin_width, min_bin_height, min_derivative)
-        self.conditioner = conditioner
-        self.bound = float(bound)
-        self.mins = dict(
-            min_bin_width=min_bin_width, min_bin_height=min_bin_height,
+        rq = RationalQuadraticMap(
+            None, bound, min_bin_width=min_bin_width, min_bin_height=min_bin_height,
             min_derivative=min_derivative,
         )  # fmt: skip
-
-    def _spline(self, x: Tensor, raw: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
-        k = (raw.shape[-1] + 1) // 3
-        w, h, d = raw[..., :k], raw[..., k : 2 * k], raw[..., 2 * k :]
-        y, ladj = rational_quadratic_spline(
-            x, w, h, d, bound=self.bound, inverse=inverse, **self.mins
-        )
-        return y, ladj.sum(-1)
-
-    def call_and_ladj(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return self._spline(x, self.conditioner(x), inverse=False)
-
-    def inverse_and_ladj(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        x = y
-        for _ in range(y.shape[-1]):
-            x, ladj = self._spline(y, self.conditioner(x), inverse=True)
-        # the last pass saw every coordinate but the last in order, which none depends on
-        return x, ladj
-
-    def _inverse(self, y: Tensor) -> Tensor:
-        return self.inverse_and_ladj(y)[0]
+        super().__init__(lambda x: conditioner(x).unbind(-1), elementwise=rq)
 
 
-class SplineAutoregressive(FlowModule):
+class SplineAutoregressive(MaskedAutoregressive):
     """Rational-quadratic spline autoregressive layer (Durkan et al. 2019) on a MADE conditioner.
 
     Sampling and scoring its own samples cost one network pass; scoring another value costs
     :math:`D` passes (exact, closed-form per coordinate). A fresh layer is exactly the identity.
 
     Args:
-        dim: number of variables :math:`D`.
-        context_dim: size of a context fed into the MADE's first hidden layer; 0 for none.
-        hidden_dims: MADE hidden sizes; default ``(min(max(2 * dim, 16), 128),)``.
-        order: permutation of ``range(dim)``, the autoregressive order (see
-            :class:`AffineAutoregressive`).
+        dim, context_dim, hidden_dims, order, activation, fan_in_ref: see
+            :class:`~pyro_nf.transforms.MaskedAutoregressive`.
         num_bins: number of spline bins :math:`K` (the MADE outputs :math:`3K - 1` numbers per
             variable).
         bound: the splines act on ``[-bound, bound]`` and are the identity outside.
-        activation: hidden nonlinearity of the MADE, a module class or a name (see
-            :class:`~pyro_nf.transforms.MADE`); default :class:`torch.nn.ELU`.
         min_bin_width, min_bin_height, min_derivative: see :func:`rational_quadratic_spline`.
-        fan_in_ref: MADE units with more inputs than this take the steps of a unit with this
-            many (see :class:`~pyro_nf.transforms.MADE`); ``None`` for plain masked layers.
 
     Example:
         >>> import torch
@@ -275,31 +302,10 @@ class SplineAutoregressive(FlowModule):
         min_derivative: float = 1e-3,
         fan_in_ref: int | None = FAN_IN_REF,
     ) -> None:
-        super().__init__(dim, context_dim)
-        hidden_dims, order = made_layout(dim, hidden_dims, order)
-        if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 2:
-            raise ValueError(f"num_bins must be an integer >= 2, got {num_bins!r}")
-        _check_spline_args(num_bins, bound, min_bin_width, min_bin_height, min_derivative)
-        self.register_buffer("order", order)
-        self.num_bins = num_bins
-        self.made = MADE(
-            dim, hidden_dims, order, context_dim, activation, num_params=3 * num_bins - 1,
-            fan_in_ref=fan_in_ref,
+        super().__init__(
+            dim, context_dim, elementwise=RationalQuadraticMap, hidden_dims=hidden_dims,
+            order=order, activation=activation, fan_in_ref=fan_in_ref, num_bins=num_bins,
+            bound=bound, min_bin_width=min_bin_width, min_bin_height=min_bin_height,
+            min_derivative=min_derivative,
         )  # fmt: skip
-        self.bound = float(bound)
-        self.mins = dict(
-            min_bin_width=float(min_bin_width), min_bin_height=float(min_bin_height),
-            min_derivative=float(min_derivative),
-        )  # fmt: skip
-
-    def _conditioner(self, context: Tensor | None) -> Callable[[Tensor], Tensor]:
-        def conditioner(x: Tensor) -> Tensor:
-            return torch.stack(self.made(x, context), -1)
-
-        return conditioner
-
-    def _transform(self, context: Tensor | None) -> SplineAutoregressiveTransform:
-        return SplineAutoregressiveTransform(self._conditioner(context), self.bound, **self.mins)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, num_bins={self.num_bins}, bound={self.bound}"
+        self.num_bins, self.bound = num_bins, float(bound)
