@@ -399,7 +399,7 @@ class Flow(nn.Module):
                 raise ValueError("set_preconditioner(None) takes no scale_tril")
             self.precond_loc = self.precond_tril = None
             return self
-        ref = self.affine.head.weight if self.context_dim else self.affine.raw
+        ref = next(self.affine.parameters())  # the flow's dtype and device
         loc = torch.as_tensor(loc, dtype=ref.dtype, device=ref.device).detach().clone()
         tril = torch.as_tensor(scale_tril, dtype=ref.dtype, device=ref.device).detach().tril()
         if loc.shape != (self.dim,) or tril.shape != (self.dim, self.dim):
@@ -442,7 +442,7 @@ class Flow(nn.Module):
         if am_i_wrapped() and not torch.compiler.is_compiling():
             register_flow(self, _check_name(self.name))
         batch_shape = context.shape[:-1] if context is not None else torch.Size()
-        p = self.affine.head.weight if self.context_dim else self.affine.raw
+        p = next(self.affine.parameters())  # the flow's dtype and device
         return FlowDistribution(
             self.transforms(context), self.dim, batch_shape, dtype=p.dtype, device=p.device
         )
