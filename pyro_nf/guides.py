@@ -130,7 +130,8 @@ class AutoFlow(
 
     Args:
         model: a Pyro model whose latents are all continuous.
-        transform: flow family, ``"planar"``, ``"radial"``, ``"iaf"`` or ``"spline"``.
+        transform: flow family: a key of :class:`~pyro_nf.Flow`'s registry (``"planar"``, ``"radial"``,
+            ``"iaf"``, ``"spline"``, ``"softplus_iaf"``).
         num_transforms: number of flow layers.
         init_loc_fn: per-site initialization (see Pyro's autoguide initialization); default
             :func:`init_to_median_or_feasible`. This and the next four options are shared by
