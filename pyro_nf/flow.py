@@ -30,6 +30,7 @@ from torch.distributions import constraints
 
 from ._autoregister import register_flow
 from ._checks import integer
+from ._compat import is_compiling
 from .transforms import (
     Affine,
     AffineAutoregressive,
@@ -439,7 +440,7 @@ class Flow(nn.Module):
 
     def forward(self, context: Tensor | None = None) -> FlowDistribution:
         check_context(context, self.context_dim, "Flow")
-        if am_i_wrapped() and not torch.compiler.is_compiling():
+        if am_i_wrapped() and not is_compiling():
             register_flow(self, _check_name(self.name))
         batch_shape = context.shape[:-1] if context is not None else torch.Size()
         p = next(self.affine.parameters())  # the flow's dtype and device

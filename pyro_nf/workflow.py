@@ -557,7 +557,7 @@ def _collect_parameters(names: list[str]) -> tuple[list[str], list[torch.Tensor]
 
 
 def _make_optimizer(optimizer, params, lr: float, kwargs: dict) -> torch.optim.Optimizer:
-    """The optimizer; Adam and its subclasses (AdamW) use a multi-tensor kernel unless told otherwise.
+    """The optimizer; Adam, AdamW and their subclasses use a multi-tensor kernel unless told otherwise.
 
     A step of the default per-tensor Adam costs tens of microseconds per parameter tensor on a
     CPU, which for a deep flow is a large part of the step. The fused kernel makes the same update
@@ -567,7 +567,8 @@ def _make_optimizer(optimizer, params, lr: float, kwargs: dict) -> torch.optim.O
     or dtype it does not support) the optimizer is built as asked.
     """
     opt = None
-    fusable = isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Adam)
+    adams = (torch.optim.Adam, torch.optim.AdamW)  # AdamW subclasses Adam only in newer torch
+    fusable = isinstance(optimizer, type) and issubclass(optimizer, adams)
     if fusable and not {"fused", "foreach"} & set(kwargs):
         on_cuda = all(p.is_cuda for p in params)
         kernel = {"fused": True} if on_cuda or torch.get_num_threads() == 1 else {"foreach": True}

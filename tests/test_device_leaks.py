@@ -55,11 +55,38 @@ def meta_default_device():
         yield
 
 
+def _torch_adam_steps_under_a_meta_default_device() -> bool:
+    """Whether torch's own Adam (single- and multi-tensor) steps while the default device is
+    ``meta``. torch 2.1 makes the optimizer's ``step`` counter without a device, so there torch
+    itself fails before any pyro_nf code is checked; torch 2.13 passes."""
+    p = torch.zeros(2, requires_grad=True)
+    p.grad = torch.ones(2)
+    try:
+        with meta_default_device():
+            for foreach in (False, True):
+                torch.optim.Adam([p], foreach=foreach).step()
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
+META_DEFAULT = pytest.mark.skipif(
+    not _torch_adam_steps_under_a_meta_default_device(),
+    reason="this torch's Adam makes its step counter on the default device (torch 2.1)",
+)
+
 #: where the model's tensors live, and torch's default device while the library runs
 PLACES = [
     pytest.param(("cpu", torch.float64), id="cpu-meta_default"),
     pytest.param(("cuda", torch.float32), id="cuda-float32", marks=CUDA),
     pytest.param(("cuda", torch.float64), id="cuda-float64", marks=CUDA),
+]
+#: the same, for tests that step torch's Adam
+STEPPED_PLACES = [
+    pytest.param(*p.values, id=p.id, marks=[*p.marks, META_DEFAULT])
+    if p.id.endswith("meta_default")
+    else p
+    for p in PLACES
 ]
 
 
@@ -153,7 +180,7 @@ def _posterior_paths(guide, model, x, y):
     pyro_nf.plot_posterior(idata)
 
 
-@pytest.mark.parametrize("place", PLACES)
+@pytest.mark.parametrize("place", STEPPED_PLACES)
 @pytest.mark.parametrize("family", list(GUIDES))
 def test_every_autoguide_path_makes_its_tensors_on_the_models_device(family, place, tmp_path):
     x, y = _data(place[1], place[0])
@@ -166,7 +193,7 @@ def test_every_autoguide_path_makes_its_tensors_on_the_models_device(family, pla
         _posterior_paths(guide, regression, x, y)
 
 
-@pytest.mark.parametrize("place", PLACES)
+@pytest.mark.parametrize("place", STEPPED_PLACES)
 @pytest.mark.parametrize("family", ["planar", "iaf"])
 @pytest.mark.parametrize("option", ["laplace", "noncentered"])
 def test_the_laplace_start_and_noncentring_make_their_tensors_on_the_models_device(
@@ -200,7 +227,7 @@ def test_the_laplace_start_and_noncentring_make_their_tensors_on_the_models_devi
             marks=[*p.marks, pytest.mark.slow] if compile else p.marks,
         )
         for compile, name in ((False, "eager"), (True, "compiled"))
-        for p in PLACES[:2]
+        for p in STEPPED_PLACES[:2]
     ],
 )
 def test_fit_with_fast_elbo_makes_its_tensors_on_the_models_device(compile, place):
@@ -247,7 +274,7 @@ def test_an_amortized_flow_makes_its_tensors_on_the_device_of_its_context(transf
         assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in flow.parameters())
 
 
-@pytest.mark.parametrize("place", PLACES)
+@pytest.mark.parametrize("place", STEPPED_PLACES)
 def test_the_vae_workflow_makes_its_tensors_on_the_datas_device(place):
     device, dtype = place
     x = torch.randn(6, 3, device=device, dtype=dtype)
