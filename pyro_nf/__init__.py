@@ -30,7 +30,7 @@ from .guides import (
 from .plots import plot_losses, plot_posterior
 from .workflow import CheckpointError, FitError, FitResult, fit
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "AutoFlow",
