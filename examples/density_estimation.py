@@ -18,8 +18,9 @@ draws, the fitted density and the true one.
 
 The fit is plain PyTorch: ``flow()`` is a ``torch.distributions`` distribution whose
 ``log_prob`` runs every layer's exact inverse, so ``-flow().log_prob(x).mean()`` is the loss and
-any torch optimizer minimises it. (An autoregressive flow scores data through its inverse, one
-pass per dimension; that is cheap in two dimensions.)
+any torch optimizer minimises it. (An IAF scores data through its inverse, one network pass per
+dimension: cheap in two dimensions. For many, put the layers' inverses in a
+``TransformedDistribution`` (MAF), which scores in one pass: ``docs/flows/autoregressive.rst``.)
 """
 
 from __future__ import annotations
