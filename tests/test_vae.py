@@ -326,7 +326,7 @@ def test_training_the_encoder_and_flow_reaches_the_exact_evidence(transform="iaf
 # The example's CI configuration
 # --------------------------------------------------------------------------------------------
 @pytest.mark.slow  # 15 s on an idle 2-core machine, over a minute under load
-def test_vae_example_quick(tmp_path):
+def test_vae_benchmark_quick(tmp_path):
     pytest.importorskip("sklearn")
     pytest.importorskip("matplotlib")
     env = dict(os.environ, MPLBACKEND="Agg", OMP_NUM_THREADS="1")
