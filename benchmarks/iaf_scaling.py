@@ -59,10 +59,10 @@ import numpy as np  # noqa: E402
 import pyro  # noqa: E402
 import pyro.distributions as dist  # noqa: E402
 import torch  # noqa: E402
+from _machine import cpu_name  # noqa: E402  (benchmarks/_machine.py)
 from pyro.infer.autoguide import AutoNormal  # noqa: E402
 
 import pyro_nf  # noqa: E402
-from pyro_nf._machine import cpu_name  # noqa: E402
 from pyro_nf.guides import AutoFlow  # noqa: E402
 
 GUIDES = ("AutoIAFFlow", "AutoPlanarFlow", "AutoNormal")

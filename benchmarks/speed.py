@@ -34,13 +34,13 @@ import pyro
 import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
+from _machine import cpu_name  # benchmarks/_machine.py, beside this script
 from pyro.distributions.transforms import iterated, planar
 from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoIAFNormal, AutoNormal, AutoNormalizingFlow
 from pyro.optim import Adam
 
 import pyro_nf
-from pyro_nf._machine import cpu_name
 from pyro_nf.fast import FastELBO
 
 N, D = 500, 21

@@ -338,7 +338,7 @@ def test_failed_flow_load_state_dict_changes_nothing(transform):
 
 def test_state_dict_values_stay_tensors_so_copying_them_keeps_working():
     """The record goes into the state dict as a uint8 tensor, so the usual early-stopping idiom
-    (clone every value, later copy them back, as examples/vae.py does) works on a module that
+    (clone every value, later copy them back, as benchmarks/vae.py does) works on a module that
     holds a Flow, and the record survives a round trip through torch.save(weights_only=True)."""
     model = torch.nn.ModuleDict({"encoder": torch.nn.Linear(3, 4), "flow": Flow(2, "iaf", 2, 4)})
     state = model.state_dict()

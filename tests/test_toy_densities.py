@@ -1,4 +1,4 @@
-"""examples/toy_densities.py: the quadrature, one short fit per guide family, the seed aggregation."""
+"""benchmarks/toy_densities.py: the quadrature, one short fit per guide family, the seed aggregation."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "examples"))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 import toy_densities as toy  # noqa: E402
 

@@ -1,6 +1,6 @@
 """Amortized flows as VAE posteriors: ``pyro.sample("z", flow(encoder(x)))`` inside a data plate.
 
-Small synthetic data throughout; the MNIST comparison itself is ``examples/vae.py`` (the last test
+Small synthetic data throughout; the MNIST comparison itself is ``benchmarks/vae.py`` (the last test
 runs its CI configuration).
 """
 
@@ -103,7 +103,7 @@ def test_plate_with_varying_batch_size_particles_and_iwae(transform, k):
 
 @parametrize_posteriors
 def test_explicit_batches_with_a_partial_last_batch(transform, k):
-    """User-defined subsampling (``pyro.plate(..., subsample=idx)``), as in examples/vae.py."""
+    """User-defined subsampling (``pyro.plate(..., subsample=idx)``), as in benchmarks/vae.py."""
     n = 23
     data = torch.randn(n, P)
     vae = TinyVAE(transform, k, n)
@@ -326,11 +326,11 @@ def test_training_the_encoder_and_flow_reaches_the_exact_evidence(transform="iaf
 # The example's CI configuration
 # --------------------------------------------------------------------------------------------
 @pytest.mark.slow  # 15 s on an idle 2-core machine, over a minute under load
-def test_vae_example_quick(tmp_path):
+def test_vae_benchmark_quick(tmp_path):
     pytest.importorskip("sklearn")
     pytest.importorskip("matplotlib")
     env = dict(os.environ, MPLBACKEND="Agg", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, os.path.join(ROOT, "examples", "vae.py"), "--quick", "--out", str(tmp_path)]  # fmt: skip
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "vae.py"), "--quick", "--out", str(tmp_path)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "test -log p(x)" in proc.stdout
@@ -346,8 +346,8 @@ def test_own_noise_makes_a_posterior_independent_of_the_others(tmp_path):
     """With --own-noise a posterior's result is the same whether or not others train beside it
     (without it they share torch's global stream); benchmarks/vae_seeds.py relies on this."""
     pytest.importorskip("sklearn")
-    sys.path.insert(0, os.path.join(ROOT, "examples"))
-    import vae  # examples/vae.py
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import vae  # benchmarks/vae.py
 
     def final_nll(names, own_noise):
         argv = ["--epochs", "2", "--iw-samples", "20", "--out", str(tmp_path)]

@@ -46,11 +46,11 @@ model wrapped in ``InitMessenger(init_to_value(x=0))``; SVI uses the bare model.
 
 Run (from the repository root)::
 
-    python examples/toy_densities.py              # full run, all cores
-    python examples/toy_densities.py --quick      # short CI configuration
-    python examples/toy_densities.py --targets banana,U1 --guides iaf,pyro-iaf
+    python benchmarks/toy_densities.py              # full run, all cores
+    python benchmarks/toy_densities.py --quick      # short CI configuration
+    python benchmarks/toy_densities.py --targets banana,U1 --guides iaf,pyro-iaf
 
-Figure: ``--out`` (default examples/output); table: ``--results`` (default
+Figure: ``--out`` (default benchmarks/output); table: ``--results`` (default
 benchmarks/results/toy_densities.md, or toy_densities_quick.md with --quick).
 Fits run in ``--jobs`` processes with one torch thread each; every fit is
 seeded from ``--seed`` and its own name, so results do not depend on --jobs.
@@ -81,7 +81,7 @@ from pyro.infer.autoguide import AutoIAFNormal, AutoNormal, AutoNormalizingFlow,
 from pyro.infer.autoguide.initialization import InitMessenger
 from pyro.optim import LambdaLR
 
-# Let `python examples/toy_densities.py` find the checkout's pyro_nf when it is not installed.
+# Let `python benchmarks/toy_densities.py` find the checkout's pyro_nf when it is not installed.
 sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # ----------------------------------------------------------------------------- targets
@@ -446,7 +446,7 @@ def plot(results, targets, guides, quad, path, res, banana_sd):
 
 
 def markdown(results, runs, targets, guides, quad, a, wall):
-    from pyro_nf._machine import cpu_name
+    from _machine import cpu_name  # benchmarks/_machine.py, beside this script
 
     checks = [r["check"] for r in results.values() if np.isfinite(r["check"])]
     out = [
@@ -593,7 +593,7 @@ def main():
     p.add_argument("--spline-bound", type=float, default=5.0, help="AutoSplineFlow bound")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel fits")
     p.add_argument("--quick", action="store_true", help="short CI configuration")
-    p.add_argument("--out", default="examples/output", help="directory for the figure")
+    p.add_argument("--out", default="benchmarks/output", help="directory for the figure")
     p.add_argument("--results", help="markdown table path")
     a = p.parse_args()
     sfx = "_quick" if a.quick else ""
