@@ -20,7 +20,6 @@ not to be trusted). Data: Rubin (1981), as in Gelman et al., *Bayesian Data Anal
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 
 import numpy as np
@@ -52,7 +51,6 @@ def main(argv=None) -> list:
     if args.posteriordb:  # checked before any fit
         nuts = nuts_reference(args.posteriordb)
         reference = {"mu": nuts["mu"], "log tau": np.log(nuts["tau"]), "theta[0]": nuts["theta[0]"]}  # fmt: skip
-    logging.getLogger("pyro.infer.elbo").setLevel(logging.WARNING)  # Trace_ELBO's INFO line
     torch.set_num_threads(1)
     import matplotlib
 

@@ -54,7 +54,7 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=1000, help="rows per rank per step")
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", default="distributed_out")
+    parser.add_argument("--out", default="examples/output")
     args = parser.parse_args(argv)
 
     distributed = pd.is_launched()

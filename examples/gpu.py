@@ -22,7 +22,6 @@ check of every public path).
 from __future__ import annotations
 
 import argparse
-import logging
 import time
 
 import pyro
@@ -49,7 +48,6 @@ def main(argv=None) -> dict:
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(1)
-    logging.getLogger("pyro.infer.elbo").setLevel(logging.WARNING)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"device: {device} ({name}), torch {torch.__version__}")
 

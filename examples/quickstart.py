@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import zipfile
 
@@ -90,7 +89,6 @@ def main(argv=None) -> dict:
     reference = nuts_reference(args.posteriordb) if args.posteriordb else None
     # Pyro's Trace_ELBO (used for AutoNormal with several particles) logs the plate nesting it
     # guesses at INFO level; that line says nothing a reader of this example needs.
-    logging.getLogger("pyro.infer.elbo").setLevel(logging.WARNING)
     torch.set_num_threads(1)  # a model this small is fastest on one thread
 
     y, sigma = eight_schools_data()

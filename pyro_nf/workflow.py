@@ -36,7 +36,9 @@ and ``pyro_nf._checkpoint``), the latent-site check (``pyro_nf._latents``) and t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import math
 import numbers
 import os
@@ -255,7 +257,8 @@ def _fit(settings: _Settings, loss: ELBO, may_fall_back: bool, model, guide, arg
     _seed(settings.seed, group)
     with _distributed.all_or_none(group, "setting up the guide"):
         _check_latents_unchanged(model, guide, args, kwargs)
-        loss, names = _first_evaluation(loss, may_fall_back, model, guide, args, kwargs)
+        with _quiet_plate_guess():
+            loss, names = _first_evaluation(loss, may_fall_back, model, guide, args, kwargs)
         names, params = _collect_parameters(names)
         if group is not None:
             _distributed.start_identical(names, params)
@@ -508,6 +511,23 @@ def _first_evaluation(
         )
         sequential = Trace_ELBO(num_particles=n, vectorize_particles=False)
         return sequential, _parameter_names(sequential, model, guide, args, kwargs)
+
+
+class _PlateGuessFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Guessed max_plate_nesting")
+
+
+@contextlib.contextmanager
+def _quiet_plate_guess():
+    """Drop Pyro's INFO line "Guessed max_plate_nesting = N", which a vectorizing ``Trace_ELBO``
+    logs at its first evaluation: fit chose that loss, the user did not ask for the guess."""
+    logger, quiet = logging.getLogger("pyro.infer.elbo"), _PlateGuessFilter()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
 
 
 def _evaluates_with_one_particle(loss: ELBO, model, guide, args: tuple, kwargs: dict) -> bool:

@@ -174,3 +174,32 @@ def test_readme_vae_block_runs_as_written(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     log_px = float(re.search(rf"held-out log p\(x\): ({NUMBER}) nats per digit", proc.stdout).group(1))  # fmt: skip
     assert -44.4 < log_px < 0  # better than a uniform model of 64 binary pixels
+
+
+# ------------------------------------------------------------------------ distributed.py
+@pytest.mark.slow
+def test_distributed_example_runs_as_a_plain_script(tmp_path):
+    argv = ["--rows", "5000", "--batch-size", "100", "--steps", "30", "--out", str(tmp_path)]
+    out = run_example("distributed.py", *argv)
+    assert re.search(r"1 process\(es\): [\d.]+ steps/s, [\d,]+ rows/s", out), out[-2000:]
+    lines = (tmp_path / "losses_1.csv").read_text().splitlines()
+    assert lines[0] == "step,loss" and len(lines) == 31
+    assert all(math.isfinite(float(row.split(",")[1])) for row in lines[1:])
+    assert (tmp_path / "losses_1.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_distributed_benchmark_runs_one_and_two_processes(tmp_path):
+    results = tmp_path / "distributed.md"
+    argv = ["--procs", "1", "2", "--rows", "4000", "--batch-size", "100", "--steps", "20"]
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "distributed.py"), *argv,
+         "--results", str(results)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT, env=dict(os.environ, MPLBACKEND="Agg"),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = re.findall(r"^\| (\d) \| ([\d.]+) \| ([\d,]+) \|", results.read_text(), re.M)
+    assert [r[0] for r in rows] == ["1", "2"]
+    assert all(float(r[1]) > 0 for r in rows)
+    assert (tmp_path / "distributed.png").stat().st_size > 0

@@ -789,3 +789,33 @@ def test_loop_turns_a_failing_step_into_a_fit_error_and_passes_ctrl_c_on_as_a_re
     with pytest.warns(UserWarning, match="interrupted at step 2"):
         result = _loop(_Run(), _settings(), interrupted, None, None)
     assert result.stopped == "interrupted" and result.num_steps == 2
+
+
+def test_fit_does_not_pass_on_pyros_plate_nesting_guess():
+    """fit chooses a vectorizing Trace_ELBO for AutoNormal with particles; Pyro's INFO line about
+    guessing its plate depth is not for the user, and other log records still get through."""
+    import logging
+
+    class Records(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.INFO)
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    logger = logging.getLogger("pyro.infer.elbo")
+    records, level = Records(), logger.level
+    logger.addHandler(records)
+    logger.setLevel(logging.INFO)
+    try:
+        quiet_fit(simple_model, AutoNormal(simple_model), Y, num_steps=2, num_particles=3)
+        logger.info("another message")
+        assert records.messages == ["another message"]
+        pyro.clear_param_store()  # outside fit, Pyro logs as usual
+        elbo = Trace_ELBO(num_particles=3, vectorize_particles=True)
+        elbo.loss(simple_model, AutoNormal(simple_model), Y)
+        assert any("Guessed max_plate_nesting" in m for m in records.messages)
+    finally:
+        logger.removeHandler(records)
+        logger.setLevel(level)
