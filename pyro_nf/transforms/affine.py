@@ -171,7 +171,7 @@ class Affine(FlowModule):
         self._free()  # refuses a layer with a context
         like = {"dtype": self.raw.dtype, "device": self.raw.device}
         scale = torch.as_tensor(scale, **like).expand(self.dim)
-        if not (scale > 0).all():
+        if scale.device.type != "meta" and not bool((scale > 0).all()):  # meta: no values
             raise ValueError("Affine.set_loc_scale: scale must be positive")
         self.raw[: self.dim].copy_(torch.as_tensor(loc, **like).expand(self.dim))
         self.raw[self.dim :].copy_(inverse_softplus(scale))
