@@ -161,7 +161,7 @@ def test_readme_main_example_runs(tmp_path):
     namespace: dict = {}
     exec(compile(small, "README.md (main example)", "exec"), namespace)
     assert namespace["result"].num_steps == 50
-    assert namespace["idata"].posterior["tau"].shape == (1, 300)
+    assert namespace["idata"].posterior["tau"].shape == (4, 75)  # 300 draws as 4 chains
 
 
 @pytest.mark.slow  # 1000 VAE steps as written, one thread: 43 s (loaded 2-core machine)
