@@ -168,3 +168,25 @@ def test_a_one_process_checkpoint_is_refused_by_a_distributed_resume_and_back():
         pd.check_checkpoint_ranks({"world_size": 2}, "c.pt", None)
     pd.check_checkpoint_ranks({"world_size": 2}, "c.pt", group)
     pd.check_checkpoint_ranks({}, "c.pt", None)
+
+
+def test_minibatch_draws_every_subset_equally_often():
+    """n=6, k=3: each of the 20 subsets should come up about 1/20 of the time, and each row
+    half of the time (the redraw of repeated values must not favour any)."""
+    torch.manual_seed(0)
+    draws = 20_000
+    counts = {}
+    for _ in range(draws):
+        key = tuple(sorted(pd.minibatch(6, 3).tolist()))
+        assert len(set(key)) == 3
+        counts[key] = counts.get(key, 0) + 1
+    assert len(counts) == 20
+    expected = draws / 20
+    chi2 = sum((c - expected) ** 2 / expected for c in counts.values())
+    assert chi2 < 43.8  # the 99.9% quantile of chi-square with 19 degrees of freedom
+
+
+def test_minibatch_cost_does_not_depend_on_the_block_size():
+    """With a block of 10^8 rows, a randperm would allocate 800 MB; the draw does not."""
+    idx = pd.minibatch(100_000_000, 1000)
+    assert len(set(idx.tolist())) == 1000 and int(idx.max()) < 100_000_000
