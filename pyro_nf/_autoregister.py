@@ -39,7 +39,7 @@ _SLOTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _ELSEWHERE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _slots(flow: nn.Module, name: str) -> list[tuple[str, dict, str]]:
+def parameter_slots(flow: nn.Module, name: str) -> list[tuple[str, dict, str]]:
     """``(param-store name, the owning module's _parameters dict, key)`` of every parameter.
 
     Cached per flow and name (walking the module tree costs more than the rest of the check),
@@ -50,7 +50,9 @@ def _slots(flow: nn.Module, name: str) -> list[tuple[str, dict, str]]:
     if cached is None or cached[0] != name:
         slots = []
         for mod_name, mod in flow.named_modules():
-            for p_name in mod._parameters:
+            for p_name, p in mod._parameters.items():
+                if p is None:
+                    continue
                 full = f"{mod_name}.{p_name}" if mod_name else p_name
                 slots.append((param_with_module_name(name, full), mod._parameters, p_name))
         cached = (name, slots)
@@ -84,7 +86,7 @@ def register_flow(flow: nn.Module, name: str) -> None:
         ):
             return
     todo, elsewhere = [], []
-    for key, params, p_name in _slots(flow, name):
+    for key, params, p_name in parameter_slots(flow, name):
         p = params.get(p_name)
         if p is None or not p.requires_grad:
             elsewhere.append((params, p_name, p, None))

@@ -7,10 +7,10 @@ import hashlib
 import json
 
 import pyro
-from pyro.params.param_store import param_with_module_name
 from pyro.poutine.runtime import _PYRO_STACK
 from torch import Tensor
 
+from ._autoregister import parameter_slots
 from .flow import Flow
 
 #: site names longer than this (joined) are abbreviated in the param-store names
@@ -53,7 +53,7 @@ class FlowParams:
         if self._pyro_context.active:
             slots = [
                 (key, params, p_name)
-                for key, params, p_name in self._flow_slots(flow)
+                for key, params, p_name in parameter_slots(flow, self._flow_param_prefix())
                 if params[p_name].requires_grad
             ]
             store = pyro.get_param_store()
@@ -73,25 +73,6 @@ class FlowParams:
                 if stored._cdata != p._cdata:  # the store's tensor wins, as in pyro.module
                     params[p_name] = stored
         return flow
-
-    def _flow_slots(self, flow: Flow) -> list[tuple[str, dict, str]]:
-        """``(param-store name, owning ``_parameters`` dict, key in it)`` of every flow parameter.
-
-        Cached (walking the module tree costs more than the rest of the check); callers read
-        the tensors afresh, since the registration may swap them for the param store's.
-        """
-        name = self._flow_param_prefix()
-        cached = self.__dict__.get("_flow_slots_cache")
-        if cached is None or cached[0] is not flow or cached[1] != name:
-            slots = []
-            for mod_name, mod in flow.named_modules():
-                for p_name, p in mod._parameters.items():
-                    if p is not None:
-                        full = f"{mod_name}.{p_name}" if mod_name else p_name
-                        slots.append((param_with_module_name(name, full), mod._parameters, p_name))
-            cached = (flow, name, slots)
-            self.__dict__["_flow_slots_cache"] = cached
-        return cached[2]
 
     def _flow_param_prefix(self) -> str:
         """The name under which the flow's parameters go into Pyro's param store.

@@ -45,7 +45,6 @@ class GuideSetup:
 
     def _discard_setup(self) -> None:
         self.prototype_trace = None
-        self.__dict__.pop("_flow_slots_cache", None)
         self.__dict__.pop("_flow_prefix_cache", None)
         if "flow" in self._modules:
             del self._modules["flow"]
