@@ -29,7 +29,9 @@ def model(y):
     with pyro.plate("groups", 4):
         theta = pyro.sample("theta", dist.Normal(mu, tau))
     with pyro.plate("obs", len(y)):
-        pyro.sample("y", dist.Normal(theta[..., :1] + p[..., :1], 1.0), obs=y)
+        # p[..., 0], not p[..., :1]: the latter keeps a dimension left of theta's, which mixed
+        # the particles of p and theta (the particle check of FastELBO found it)
+        pyro.sample("y", dist.Normal(theta[..., :1] + p[..., 0], 1.0), obs=y)
 
 
 Y = torch.tensor([0.5, -1.0, 2.0, 1.5, 0.3])
@@ -175,3 +177,55 @@ def test_every_flow_parameter_reaches_pyro_handlers_at_every_step(make):
         name = guide._flow_param_prefix()  # "<guide>.flow[<sites>|<digest>]"
         expected = {param_with_module_name(name, n) for n, _ in guide.flow.named_parameters()}
         assert expected <= set(capture.trace.nodes)
+
+
+def _mixes_particles(y):  # runs with vectorized particles, but pairs particle i with datum i
+    mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+    with pyro.plate("data", len(y)):
+        pyro.sample("y", dist.Normal(mu.reshape(-1), 1.0), obs=y)
+
+
+def _subsampled(y):  # broadcasts correctly; the plate draws its own random subsample
+    mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+    with pyro.plate("data", len(y), subsample_size=3) as idx:
+        pyro.sample("y", dist.Normal(mu, 1.0), obs=y[idx])
+
+
+def test_a_model_that_mixes_particles_is_refused_not_summed_into_a_wrong_loss():
+    """With 4 particles and 4 data the shapes all match, so nothing fails: only comparing each
+    particle with the model run on it alone shows the loss is wrong."""
+    y = torch.arange(4.0)
+    pyro.clear_param_store()
+    guide = pyro_nf.AutoPlanarFlow(_mixes_particles)
+    with pytest.raises(ValueError, match="does not broadcast over the particle plate: with 4"):
+        FastELBO(4).loss(_mixes_particles, guide, y)
+    assert FastELBO(1).loss(_mixes_particles, guide, y) > 0  # one particle: nothing to mix
+
+
+def test_fit_evaluates_particles_one_at_a_time_for_a_model_that_mixes_them():
+    y = torch.arange(4.0)
+    pyro.clear_param_store()
+    guide = pyro_nf.AutoPlanarFlow(_mixes_particles)
+    with pytest.warns(UserWarning, match="does not broadcast over the particle plate"):
+        r = pyro_nf.fit(_mixes_particles, guide, y, num_steps=3, num_particles=4, progress=False)
+    assert len(r.losses) == 3 and torch.isfinite(torch.tensor(r.losses)).all()
+
+
+@pytest.mark.parametrize("m", [model, _subsampled], ids=["plates", "random_subsample"])
+def test_the_particle_check_changes_no_number(m):
+    """The check runs at the first evaluation for each guide and restores every random-number
+    state, so a seeded run gives the same losses with it and without it (here: a second ELBO
+    object whose check is marked done), also for a model that draws its own subsample."""
+    y = torch.arange(7.0)[: len(Y)] if m is model else torch.arange(7.0)
+
+    def losses(skip_check):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(3)
+        guide = pyro_nf.AutoIAFFlow(m, 2)
+        guide(y)
+        elbo = FastELBO(4)
+        if skip_check:
+            elbo._particles_checked.add(id(guide))
+        return [elbo.loss(m, guide, y) for _ in range(3)]
+
+    assert losses(skip_check=False) == losses(skip_check=True)
