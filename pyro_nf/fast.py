@@ -22,14 +22,11 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 
-import pyro
-import pyro.poutine as poutine
 import torch
-from pyro.distributions.util import scale_and_mask
 from pyro.infer import ELBO
-from pyro.poutine.util import site_is_subsample
 
-from ._checkpoint import rng_state, set_rng_state
+from . import _particles
+from ._checkpoint import rng_state
 from .guides import AutoFlow
 
 __all__ = ["FastELBO"]
@@ -161,9 +158,13 @@ class FastELBO(ELBO):
         values, log_jac = guide.constrain_with_log_jacobian(latent)
         first = n > 1 and id(guide) not in self._particles_checked
         rng_before = rng_state() if first else None
-        model_trace = _model_trace(model, values, n, nesting, latent.device, args, kwargs)
+        model_trace = _particles.model_trace(model, values, n, nesting, args, kwargs)
         if first:
-            _check_particles(model, guide, model_trace, latent, nesting, rng_before, args, kwargs)
+
+            def alone(i):  # particle i's latents, as the model sees them without the plate
+                return guide.constrain_with_log_jacobian(latent[i].detach().reshape(-1))[0]
+
+            _particles.check_not_mixed(model, model_trace, alone, nesting, rng_before, args, kwargs)
             self._particles_checked.add(id(guide))
         log_p = model_trace.log_prob_sum()
         return -(log_p + log_jac - log_q.sum()) / n
@@ -176,67 +177,6 @@ class FastELBO(ELBO):
         loss = self.differentiable_loss(model, guide, *args, **kwargs)
         loss.backward()
         return float(loss.detach())
-
-
-def _model_trace(model, values: dict, n: int, nesting: int, device, args, kwargs):
-    """The model's trace with its latents set to ``values``; ``n > 1`` particles in a plate
-    outermost, as under ``Trace_ELBO(vectorize_particles=True)``."""
-    conditioned = poutine.trace(poutine.condition(model, data=values))
-    if n == 1:
-        return conditioned.get_trace(*args, **kwargs)
-    with pyro.plate("num_particles_vectorized", n, dim=-(nesting + 1), device=device):
-        return conditioned.get_trace(*args, **kwargs)
-
-
-def _check_particles(model, guide, vectorized, latent, nesting, rng_before, args, kwargs) -> None:
-    """Refuse a model that does not broadcast over the particle plate but runs anyway.
-
-    A model that, say, flattens a latent (``mu.reshape(-1)``) can still match the shapes of its
-    plates, and then mixes the particles: every log-density has the right shape and the loss is
-    silently wrong. Once per guide, each particle's log-density from the vectorized trace is
-    compared with that of the model run on that particle alone, with the same random numbers for
-    the model's own draws (a subsample, say); the random-number state is left as it was.
-    """
-    n = latent.shape[0]
-    with torch.no_grad():
-        together = _per_particle_log_prob(vectorized, n, nesting, latent.detach())
-        rng_after = rng_state()
-        alone = []
-        for i in range(n):
-            set_rng_state(rng_before)
-            values, _ = guide.constrain_with_log_jacobian(latent[i].detach().reshape(-1))
-            trace = _model_trace(model, values, 1, nesting, latent.device, args, kwargs)
-            alone.append(trace.log_prob_sum().detach().to(together))
-        set_rng_state(rng_after)
-    alone = torch.stack(alone)
-    tolerance = 1e-3 * torch.maximum(together.abs(), alone.abs()).clamp(min=1.0)
-    if not bool(((together - alone).abs() <= tolerance).all()):
-        i = int(((together - alone).abs() - tolerance).argmax())
-        raise ValueError(
-            f"the model does not broadcast over the particle plate: with {n} vectorized "
-            f"particles, particle {i}'s log-density is {float(together[i]):.6g}, but the model "
-            f"run on that particle alone gives {float(alone[i]):.6g}. A latent is probably "
-            "reshaped or indexed so that particles and data are mixed (e.g. .reshape(-1), "
-            ".squeeze(), x @ w with a batch of w); index from the right (w[..., 0], "
-            "(x * w).sum(-1)) or use num_particles=1 / vectorize_particles=False"
-        )
-
-
-def _per_particle_log_prob(trace, n: int, nesting: int, like: torch.Tensor) -> torch.Tensor:
-    """Each particle's summed log-density in a vectorized trace (particle plate at
-    ``dim=-(nesting + 1)``); a site without that dimension counts for every particle."""
-    total, dim = like.new_zeros(n), -(nesting + 1)
-    for site in trace.nodes.values():
-        if site["type"] != "sample" or site_is_subsample(site):
-            continue
-        # computed here, not cached in the trace: the loss takes its own, differentiable, sums
-        lp = scale_and_mask(site["fn"].log_prob(site["value"]), site["scale"], site["mask"])
-        lp = lp.detach().to(like) if torch.is_tensor(lp) else like.new_tensor(float(lp))
-        if lp.dim() >= -dim and lp.shape[dim] == n:
-            total = total + lp.movedim(dim, 0).reshape(n, -1).sum(-1)
-        else:
-            total = total + lp.sum()
-    return total
 
 
 def _dtype_device(flow) -> dict:

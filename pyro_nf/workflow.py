@@ -53,7 +53,7 @@ import pyro.poutine as poutine
 import torch
 from pyro.infer import ELBO, Trace_ELBO
 
-from . import _checkpoint, _checks
+from . import _checkpoint, _checks, _particles
 from . import distributed as _distributed
 from ._checkpoint import CheckpointError
 from ._checkpoint import rng_state as _rng_state
@@ -490,11 +490,15 @@ def _first_evaluation(
     Returns the loss to fit with and the names of the parameters the evaluation used. An error
     is raised as it is, except in one case: the loss vectorizes several particles (and
     ``may_fall_back``), and the same model and guide evaluate with one particle and no particle
-    plate. Then the model does not broadcast over the particle plate, and the particles are
+    plate. Then the model does not broadcast over the particle plate (it fails there, or it runs
+    but mixes the particles, which :mod:`pyro_nf._particles` checks once), and the particles are
     evaluated one at a time by ``Trace_ELBO`` (the same estimator), with a warning.
     """
     try:
-        return loss, _parameter_names(loss, model, guide, args, kwargs)
+        names = _parameter_names(loss, model, guide, args, kwargs)
+        if may_fall_back and not isinstance(loss, FastELBO):  # FastELBO checks this itself
+            _particles.check_vectorized_elbo(loss, model, guide, args, kwargs)
+        return loss, names
     except Exception as error:
         if not may_fall_back or not _evaluates_with_one_particle(loss, model, guide, args, kwargs):
             raise

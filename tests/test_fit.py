@@ -816,3 +816,33 @@ def test_fit_does_not_pass_on_pyros_plate_nesting_guess():
     finally:
         logger.removeHandler(records)
         logger.setLevel(level)
+
+
+def _mixes_particles(y):  # runs with vectorized particles, but pairs particle i with datum i
+    mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+    with pyro.plate("data", len(y)):
+        pyro.sample("y", dist.Normal(mu.reshape(-1), 1.0), obs=y)
+
+
+def test_fit_with_trace_elbo_refuses_to_sum_particles_a_model_mixes():
+    """AutoNormal gets a vectorizing Trace_ELBO; the model runs with 4 particles and 4 data, every
+    shape matches, and only the per-particle check shows that the loss would be wrong."""
+    y = torch.arange(4.0)
+    pyro.clear_param_store()
+    with pytest.warns(UserWarning, match="does not broadcast over the particle plate"):
+        r = quiet_fit(_mixes_particles, AutoNormal(_mixes_particles), y, num_steps=3,
+                      num_particles=4)  # fmt: skip
+    assert len(r.losses) == 3
+
+
+@pytest.mark.parametrize("make", [AutoNormal, pyro_nf.AutoPlanarFlow], ids=["trace", "fast"])
+def test_the_particle_check_leaves_a_seeded_fit_unchanged(make, monkeypatch):
+    def losses():
+        pyro.clear_param_store()
+        return quiet_fit(simple_model, make(simple_model), Y, num_steps=5, num_particles=3,
+                         seed=4).losses.tolist()  # fmt: skip
+
+    checked = losses()
+    monkeypatch.setattr(pyro_nf._particles, "check_not_mixed", lambda *a, **k: None)
+    monkeypatch.setattr(pyro_nf._particles, "check_vectorized_elbo", lambda *a, **k: None)
+    assert losses() == checked
