@@ -13,7 +13,7 @@ global indices, so Pyro scales the likelihood to the full data set::
         w = pyro.sample("w", dist.Normal(0.0, 1.0).expand([x.shape[1]]).to_event(1))
         idx = pyro_nf.distributed.minibatch(len(x), 1000)    # this rank's 1000 rows this step
         with pyro.plate("data", len(x), subsample=idx):
-            pyro.sample("y", dist.Bernoulli(logits=x[idx] @ w), obs=y[idx])
+            pyro.sample("y", dist.Bernoulli(logits=(x[idx] * w).sum(-1)), obs=y[idx])
 
 Each rank's estimate of the ELBO is then unbiased for the full data set, and their mean (the
 averaged gradient) is the estimate of a minibatch that is the union of the ranks' minibatches.
@@ -163,14 +163,6 @@ def setup(device: torch.device | str | None = None, timeout: float = 1800.0) -> 
 def _destroy() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def data_device(args: tuple, kwargs: dict) -> torch.device:
-    """The device of the first tensor among a fit's arguments (the CPU when there is none)."""
-    for value in (*args, *kwargs.values()):
-        if torch.is_tensor(value):
-            return value.device
-    return torch.device("cpu")
 
 
 def shared_seed(seed: int | None) -> int:
@@ -407,7 +399,7 @@ def broadcast_parameters(params: list[torch.Tensor]) -> None:
 
 
 def all_equal(value: torch.Tensor) -> bool:
-    """Whether ``value`` is the same on every rank (used by the tests and the checks)."""
+    """Whether ``value`` is the same on every rank (for tests and users' own checks)."""
     v = value.detach().reshape(-1).to(torch.float64)
     lo, hi = v.clone(), v.clone()
     dist.all_reduce(lo, op=dist.ReduceOp.MIN)
@@ -421,10 +413,3 @@ def gather_objects(obj) -> list | None:
     out = [None] * world if rank == 0 else None
     dist.gather_object(obj, out, dst=0)
     return out
-
-
-def scatter_object(objs: list | None):
-    """Rank ``r`` gets ``objs[r]`` (given on rank 0)."""
-    out = [None]
-    dist.scatter_object_list(out, objs, src=0)
-    return out[0]

@@ -180,6 +180,7 @@ class FastELBO(ELBO):
 
 
 def _dtype_device(flow) -> dict:
-    """The flow's dtype and device, as keywords for a new tensor."""
-    loc = flow.base_loc_scale()[0]
-    return {"dtype": loc.dtype, "device": loc.device}
+    """The flow's dtype and device, as keywords for a new tensor (read off a parameter: no
+    computation, since this runs at every step)."""
+    p = next(flow.affine.parameters())
+    return {"dtype": p.dtype, "device": p.device}

@@ -59,6 +59,7 @@ from ._checkpoint import CheckpointError
 from ._checkpoint import rng_state as _rng_state
 from ._checkpoint import save as _save_checkpoint
 from ._checkpoint import set_rng_state as _set_rng_state
+from ._devices import model_device
 from ._latents import check_unchanged as _check_latents_unchanged
 from ._messages import first_line
 from .fast import FastELBO
@@ -253,7 +254,8 @@ def _fit(settings: _Settings, loss: ELBO, may_fall_back: bool, model, guide, arg
     """The fit once the arguments are checked and the loss chosen."""
     group = None
     if settings.distributed:
-        group = _distributed.setup(_distributed.data_device(args, kwargs))
+        # gloo or NCCL by the device of the data the fit is given (tensor arguments)
+        group = _distributed.setup(model_device("fit(distributed=True)", {}, args, kwargs, {}))
     _seed(settings.seed, group)
     with _distributed.all_or_none(group, "setting up the guide"):
         _check_latents_unchanged(model, guide, args, kwargs)
@@ -265,9 +267,9 @@ def _fit(settings: _Settings, loss: ELBO, may_fall_back: bool, model, guide, arg
     opt = _make_optimizer(settings.optimizer, params, settings.lr, settings.optimizer_kwargs)
     averager = None if group is None else _distributed.Averager(group, params)
     stepper = _Stepper(
-        loss, model, guide, args, kwargs, opt, names, params, settings.lr_factor, settings.clip_norm
-    )
-    stepper.averager = averager
+        loss, model, guide, args, kwargs, opt, names, params, settings.lr_factor, settings.clip_norm,
+        averager,
+    )  # fmt: skip
     saver = None
     if settings.checkpoint is not None:
         owner = _checkpoint.owner(guide, opt)
@@ -633,13 +635,24 @@ class _Stepper:
     """
 
     def __init__(
-        self, loss, model, guide, args, kwargs, optimizer, names, params, lr_factor, clip_norm
+        self,
+        loss,
+        model,
+        guide,
+        args,
+        kwargs,
+        optimizer,
+        names,
+        params,
+        lr_factor,
+        clip_norm,
+        averager=None,
     ) -> None:
         self.loss, self.model, self.guide = loss, model, guide
         self.args, self.kwargs = args, kwargs
         self.optimizer, self.names, self.params = optimizer, names, params
         self.lr_factor, self.clip_norm = lr_factor, clip_norm
-        self.averager = None  # a distributed fit's gradient averaging (pyro_nf.distributed)
+        self.averager = averager  # a distributed fit's gradient averaging (pyro_nf.distributed)
         # The lrs fit was called with: a resumed optimizer state does not replace them.
         self.base_lrs = [group["lr"] for group in optimizer.param_groups]
 
