@@ -172,6 +172,7 @@ def fit(
     checkpoint_every: int = 500,
     resume: bool = False,
     distributed: bool = False,
+    compile: bool | str = False,
     **kwargs,
 ) -> FitResult:
     """Fit ``guide`` to ``model`` by stochastic variational inference.
@@ -225,6 +226,17 @@ def fit(
             ``resume=True`` on the same number of ranks continues exactly), and every rank
             returns the same losses. A step that raises on one rank stops every rank with a
             :class:`FitError`. Without a process group or launcher variables: ``RuntimeError``.
+        compile: ``False`` (default): the usual step. ``True``: a step with no host
+            synchronization (:doc:`/gpu`, "A captured training step"), captured whole (sample,
+            score, backward, Adam update) in one CUDA graph when the parameters are on CUDA, run
+            eagerly elsewhere; ``"eager"``: that step, never captured. The losses and finite
+            flags are then read from the device every 100 steps (and at checkpoints,
+            stopping-rule windows and the end); a non-finite step is still skipped on the device
+            and reported as above, and ``max_bad_steps`` non-finite steps in a row stop the fit
+            with the parameters of the last finite one. Needs a pyro_nf flow autoguide with the
+            default loss (or a :class:`~pyro_nf.FastELBO`), Adam or AdamW, and a model without
+            subsampling whose step reads no tensor value in Python; otherwise (and with
+            ``distributed=True``) a warning says why and the usual step runs.
 
     Returns:
         :class:`FitResult` with one loss per step.
@@ -278,6 +290,12 @@ def _fit(settings: _Settings, loss: ELBO, may_fall_back: bool, model, guide, arg
         run = saver.resume() if settings.resume else _Run()
     if group is not None and group.rank != 0:
         settings = dataclasses.replace(settings, progress=False)
+    if settings.compile is not False:  # fit(compile=...): pyro_nf._captured_fit
+        from . import _captured_fit
+
+        step = _captured_fit.plan(settings, loss, model, guide, args, kwargs, opt, names, params, group)  # fmt: skip
+        if step is not None:
+            return _captured_fit.loop(run, settings, step, saver, guide)
     return _loop(run, settings, stepper, saver, guide, group)
 
 
@@ -312,6 +330,7 @@ class _Settings:
     resume: bool
     seed: int | None = None
     distributed: bool = False
+    compile: bool | str = False
 
 
 def _check_arguments(**a) -> _Settings:
@@ -337,6 +356,7 @@ def _check_arguments(**a) -> _Settings:
         _check_loss(a["loss"])
     if a["resume"] and a["checkpoint"] is None:
         raise ValueError("resume=True needs checkpoint=PATH")
+    _check_compile(a.get("compile", False))
     checkpoint = a["checkpoint"]
     return _Settings(
         num_steps=a["num_steps"],
@@ -354,7 +374,15 @@ def _check_arguments(**a) -> _Settings:
         resume=a["resume"],
         seed=seed,
         distributed=a["distributed"],
+        compile=a.get("compile", False),
     )
+
+
+def _check_compile(compile) -> None:
+    if compile is not False:
+        from ._captured_fit import check_mode
+
+        check_mode(compile)
 
 
 def _check_loss(loss) -> None:

@@ -1,0 +1,356 @@
+"""A training step with no host synchronization, captured whole in one CUDA graph on a GPU.
+
+On a GPU a flow guide's step is launch-bound: its arithmetic takes microseconds and its time goes
+to launching hundreds of small kernels from Python. A CUDA graph records those launches once and
+replays them with one call (``torch.cuda.CUDAGraph``), which needs a step that never waits for the
+device: no ``.item()``, no ``float(tensor)``, no Python ``if`` on a tensor's value. This module
+builds such a step from any function that returns a differentiable loss tensor:
+
+* the loss is evaluated with Pyro's and torch's validation off (their checks read values);
+* the gradients accumulate into one flat buffer (each parameter's ``.grad`` is a view of it), so
+  the finite check is one reduction and the Adam/AdamW update runs on flat tensors;
+* whether the loss and every gradient are finite is a flag on the device; the update, the Adam
+  moments and the step count are kept as they were when it is not set (``torch.where``), so a
+  non-finite step changes nothing, as in :func:`pyro_nf.fit`;
+* a device-side count of consecutive non-finite steps freezes the parameters once it reaches
+  ``max_bad_steps``, so that when the host reads the record later the parameters are still those
+  of the last finite step before the limit;
+* each step writes its loss and finite flag into a device buffer that the host reads every few
+  steps (:meth:`SyncFreeStep.flush`).
+
+On a CPU the same step runs eagerly (nothing to capture); tests check it against the usual step
+and run it with every host-sync method of ``torch.Tensor`` patched to raise
+(:func:`no_host_syncs`). The Adam update follows ``torch.optim.Adam`` (Kingma & Ba 2015;
+decoupled weight decay as in ``AdamW``, Loshchilov & Hutter 2019); its state is written back
+into the torch optimizer at every read, so checkpoints are those of the usual step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable
+
+import pyro
+import torch
+
+from ._checkpoint import rng_state, set_rng_state
+
+#: steps between two reads of the device-side record (at most)
+SYNC_EVERY = 100
+#: eager steps on a side stream before the capture (cuBLAS handles, allocator pools)
+WARMUP_STEPS = 3
+
+
+class HostSync(RuntimeError):
+    """A tensor's value was read on the host inside a step that must not synchronize."""
+
+
+_SYNCING = (
+    "item",
+    "tolist",
+    "numpy",
+    "__bool__",
+    "__float__",
+    "__int__",
+    "__index__",
+    "__complex__",
+)
+
+
+@contextlib.contextmanager
+def no_host_syncs():
+    """Make every ``torch.Tensor`` method that reads a value on the host raise :class:`HostSync`.
+
+    (``item``, ``tolist``, ``numpy``, ``bool()``, ``float()``, ``int()``, indexing with a tensor
+    as a Python integer.) Operations that synchronize inside torch's C++ code (``nonzero``,
+    boolean-mask indexing) are not caught on a CPU; capturing on a GPU refuses them.
+    """
+    saved = {name: torch.Tensor.__dict__.get(name) for name in _SYNCING}
+
+    def refuse(name):
+        def method(self, *args, **kwargs):
+            raise HostSync(
+                f"Tensor.{name} reads a tensor's value on the host (shape {tuple(self.shape)})"
+            )
+
+        return method
+
+    try:
+        for name in _SYNCING:
+            setattr(torch.Tensor, name, refuse(name))
+        yield
+    finally:
+        for name, method in saved.items():
+            if method is None:
+                delattr(torch.Tensor, name)
+            else:
+                setattr(torch.Tensor, name, method)
+
+
+def find_host_sync(loss_fn: Callable[[], torch.Tensor]) -> str | None:
+    """Evaluate ``loss_fn()`` once under :func:`no_host_syncs` (without gradients, validation
+    off, random-number states restored): ``None`` when it reads no value on the host, else what
+    read one. Another error is returned in words too (the usual step will raise it)."""
+    state = rng_state()
+    try:
+        with torch.no_grad(), no_host_syncs(), pyro.validation_enabled(False):
+            loss_fn()
+    except Exception as e:  # noqa: BLE001 - any failure means: do not capture
+        cause: BaseException | None = e
+        while cause is not None and not isinstance(cause, HostSync):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:
+            return f"the model or guide reads a tensor's value in Python ({first_line(cause)})"
+        return f"the step failed without validation ({type(e).__name__}: {first_line(e)})"
+    finally:
+        set_rng_state(state)
+    return None
+
+
+def first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [""])[0]
+
+
+def unsupported_optimizer(optimizer: torch.optim.Optimizer) -> str | None:
+    """Why the captured step cannot run ``optimizer``'s update (``None``: it can)."""
+    if not isinstance(optimizer, torch.optim.Adam) and type(optimizer).__name__ != "AdamW":
+        return f"the captured step updates with Adam or AdamW, not {type(optimizer).__name__}"
+    if len(optimizer.param_groups) != 1:
+        return "the optimizer has several parameter groups"
+    group = optimizer.param_groups[0]
+    for option in ("amsgrad", "maximize", "differentiable"):
+        if group.get(option):
+            return f"the captured Adam update has no {option}=True"
+    if torch.is_tensor(group["lr"]):
+        return "the optimizer's lr is a tensor"
+    return None
+
+
+class FlatAdam:
+    """Adam/AdamW (``torch.optim.Adam``'s update) on flat tensors, with a device-side skip.
+
+    ``params`` are the tensors to update (one device and dtype), ``optimizer`` the
+    ``torch.optim.Adam``/``AdamW`` that holds their settings (one group) and any state to start
+    from; :meth:`export_state` writes the state back into it.
+    """
+
+    def __init__(self, params: list[torch.Tensor], optimizer: torch.optim.Optimizer) -> None:
+        self.params, self.optimizer = params, optimizer
+        group = optimizer.param_groups[0]
+        self.beta1, self.beta2 = (float(b) for b in group["betas"])
+        self.eps, self.weight_decay = float(group["eps"]), float(group["weight_decay"])
+        self.decoupled = bool(group.get("decoupled_weight_decay", type(optimizer).__name__ == "AdamW"))  # fmt: skip
+        like = {"dtype": params[0].dtype, "device": params[0].device}
+        self.sizes = [p.numel() for p in params]
+        n = sum(self.sizes)
+        self.exp_avg, self.exp_avg_sq = torch.zeros(n, **like), torch.zeros(n, **like)
+        self.step = torch.zeros((), **like)
+        self.lr = torch.tensor(float(group["lr"]), **like)
+        self._lr_value = float(group["lr"])
+        start = 0
+        for p, size in zip(params, self.sizes):  # a resumed optimizer's state
+            state = optimizer.state.get(p, {})
+            if "exp_avg" in state:
+                self.exp_avg[start : start + size] = state["exp_avg"].reshape(-1)
+                self.exp_avg_sq[start : start + size] = state["exp_avg_sq"].reshape(-1)
+                self.step.fill_(float(state["step"]))
+            start += size
+
+    def set_lr(self, value: float) -> None:
+        """Set the learning rate (one small copy to the device, only when it changes)."""
+        if value != self._lr_value:
+            self.lr.fill_(value)
+            self._lr_value = value
+        self.optimizer.param_groups[0]["lr"] = value
+
+    @torch.no_grad()
+    def update(self, grad: torch.Tensor, apply: torch.Tensor, clip_norm: float | None) -> None:
+        """One Adam step from the flat gradient ``grad`` where the 0-dim bool ``apply`` is set;
+        nothing changes where it is not (a NaN in ``grad`` included)."""
+        if clip_norm is not None:  # as torch.nn.utils.clip_grad_norm_
+            grad = grad * torch.clamp(clip_norm / (grad.norm() + 1e-6), max=1.0)
+        param = torch.cat([p.detach().reshape(-1) for p in self.params])
+        if self.weight_decay and not self.decoupled:
+            grad = grad + self.weight_decay * param
+        step = self.step + 1
+        exp_avg = torch.lerp(self.exp_avg, grad, 1.0 - self.beta1)
+        exp_avg_sq = self.beta2 * self.exp_avg_sq + (1.0 - self.beta2) * grad * grad
+        bias1 = 1.0 - torch.pow(self.beta1, step)
+        bias2 = 1.0 - torch.pow(self.beta2, step)
+        denom = exp_avg_sq.sqrt() / bias2.sqrt() + self.eps
+        new = param * (1.0 - self.lr * self.weight_decay) if self.decoupled else param
+        new = new - (self.lr / bias1) * exp_avg / denom
+        self.exp_avg.copy_(torch.where(apply, exp_avg, self.exp_avg))
+        self.exp_avg_sq.copy_(torch.where(apply, exp_avg_sq, self.exp_avg_sq))
+        self.step.copy_(torch.where(apply, step, self.step))
+        new = torch.where(apply, new, param)
+        parts = [part.view_as(p) for part, p in zip(new.split(self.sizes), self.params)]
+        torch._foreach_copy_([p.detach() for p in self.params], parts)
+
+    def export_state(self) -> None:
+        """Write the moments and the step count into the torch optimizer's state (its
+        ``state_dict`` then holds them, as after its own steps). Reads the step count: a sync."""
+        group = self.optimizer.param_groups[0]
+        step = float(self.step)
+        on_device = group.get("fused") or group.get("capturable")
+        start = 0
+        for p, size in zip(self.params, self.sizes):
+            self.optimizer.state[p] = {
+                "step": torch.tensor(
+                    step, dtype=torch.float32, device=p.device if on_device else "cpu"
+                ),
+                "exp_avg": self.exp_avg[start : start + size].view_as(p),
+                "exp_avg_sq": self.exp_avg_sq[start : start + size].view_as(p),
+            }
+            start += size
+
+
+class SyncFreeStep:
+    """One training step (loss, backward, finite check, Adam/AdamW update) with no host sync,
+    captured in a CUDA graph on CUDA when ``capture``.
+
+    Args:
+        loss_fn: returns the loss, a differentiable 0-dim tensor, from fixed inputs.
+        names, params: the parameters to train (one device and dtype) and their names.
+        optimizer: a ``torch.optim.Adam``/``AdamW`` over ``params`` (settings, state; see
+            :class:`FlatAdam`).
+        clip_norm: clip the gradient norm to this number first.
+        max_bad_steps: consecutive non-finite steps after which the parameters freeze.
+        capture: capture the step in a CUDA graph (parameters on CUDA only).
+        capacity: steps the device-side record holds; :meth:`flush` before it is full.
+
+    Call it once per step; :meth:`flush` reads what the steps since the last read did.
+    """
+
+    def __init__(
+        self,
+        loss_fn: Callable[[], torch.Tensor],
+        names: list[str],
+        params: list[torch.Tensor],
+        optimizer: torch.optim.Optimizer,
+        *,
+        clip_norm: float | None = None,
+        max_bad_steps: int | None = None,
+        capture: bool = True,
+        capacity: int = SYNC_EVERY,
+    ) -> None:
+        self.loss_fn, self.names, self.params = loss_fn, names, params
+        self.clip_norm = clip_norm
+        self.adam = FlatAdam(params, optimizer)
+        like = {"dtype": params[0].dtype, "device": params[0].device}
+        index = {"dtype": torch.long, "device": params[0].device}
+        self.grad = torch.zeros(sum(self.adam.sizes), **like)
+        self._owner = torch.cat(
+            [torch.full((size,), i, **index) for i, size in enumerate(self.adam.sizes)]
+        )
+        self._attach_grads()
+        self.capacity = capacity
+        self.record = torch.zeros(capacity, 2, **like)  # loss, finite flag
+        self.slot = torch.zeros(1, **index)
+        self.bad_run = torch.zeros((), **index)
+        self.max_bad = torch.tensor(max_bad_steps if max_bad_steps else 2**62, **index)
+        self.bad_params = torch.zeros(len(params), dtype=torch.bool, device=like["device"])
+        self.capture = bool(capture) and like["device"].type == "cuda"
+        self.graph = None
+        self.calls = 0
+        self.pending = 0  # steps since the last flush
+        self.capture_error: str | None = None
+
+    def _attach_grads(self) -> None:
+        start = 0
+        for p, size in zip(self.params, self.adam.sizes):
+            p.grad = self.grad[start : start + size].view_as(p)
+            start += size
+
+    # -- the step --------------------------------------------------------------------------
+    def body(self) -> None:
+        """The step's work, with no host sync: what the CUDA graph records."""
+        self.grad.zero_()
+        with pyro.validation_enabled(False):
+            loss = self.loss_fn()
+        loss.backward()
+        with torch.no_grad():
+            loss = loss.detach().to(self.grad.dtype)
+            finite = torch.isfinite(self.grad)
+            ok = torch.isfinite(loss) & finite.all()
+            frozen = self.bad_run >= self.max_bad
+            counts = torch.zeros(len(self.params), dtype=self.grad.dtype, device=self.grad.device)
+            counts.index_add_(0, self._owner, (~finite).to(self.grad.dtype))
+            self.bad_params.copy_(torch.where(~ok & ~frozen, counts > 0, self.bad_params))
+            self.adam.update(self.grad, ok & ~frozen, self.clip_norm)
+            self.bad_run.copy_(
+                torch.where(frozen, self.bad_run, torch.where(ok, 0, self.bad_run + 1))
+            )
+            row = torch.stack([loss, ok.to(loss.dtype)]).unsqueeze(0)
+            self.record.index_copy_(0, self.slot, row)
+            self.slot.add_(1)
+
+    def __call__(self) -> None:
+        if self.pending >= self.capacity:
+            raise RuntimeError("the step record is full: flush() first")
+        if self.graph is not None:
+            self.graph.replay()
+        elif self.capture and self.calls >= WARMUP_STEPS:
+            if self._try_capture():
+                self.graph.replay()
+            else:
+                self.body()
+        elif self.capture:  # warm-up on a side stream, as torch.cuda.graphs asks
+            side = torch.cuda.Stream(device=self.grad.device)
+            side.wait_stream(torch.cuda.current_stream(self.grad.device))
+            with torch.cuda.stream(side):
+                self.body()
+            torch.cuda.current_stream(self.grad.device).wait_stream(side)
+        else:
+            self.body()
+        self.calls += 1
+        self.pending += 1
+
+    def _try_capture(self) -> bool:
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                self.body()
+        except Exception as e:  # noqa: BLE001 - a step that cannot be captured runs eagerly
+            self.capture, self.capture_error = False, f"{type(e).__name__}: {first_line(e)}"
+            torch.cuda.synchronize(self.grad.device)
+            self._attach_grads()
+            warnings.warn(
+                f"the training step could not be captured in a CUDA graph ({self.capture_error}); "
+                "it runs eagerly (the same numbers, without the speed-up)",
+                stacklevel=4,
+            )
+            return False
+        self.graph = graph
+        return True
+
+    @property
+    def captured(self) -> bool:
+        """Whether the step replays a CUDA graph."""
+        return self.graph is not None
+
+    def set_lr(self, value: float) -> None:
+        self.adam.set_lr(value)
+
+    def start(self, bad_in_a_row: int = 0) -> None:
+        """Start counting consecutive non-finite steps from ``bad_in_a_row``."""
+        self.bad_run.fill_(bad_in_a_row)
+
+    # -- reading the record ------------------------------------------------------------------
+    def flush(self) -> tuple[list[tuple[float, bool]], list[str]]:
+        """Read the steps since the last read (one sync): each step's ``(loss, finite)``, and
+        the parameters whose gradient was not finite at the last non-finite step counted
+        (before any freeze). Writes the optimizer state back (:meth:`FlatAdam.export_state`)."""
+        done = int(self.slot[0])
+        rows = [(loss, flag > 0.5) for loss, flag in self.record[:done].tolist()]
+        bad = [n for n, b in zip(self.names, self.bad_params.tolist()) if b]
+        self.slot.zero_()
+        self.pending = 0
+        self.adam.export_state()
+        return rows, bad
+
+    def release(self) -> None:
+        """Detach the parameters' ``.grad`` from the flat buffer (at the end of a fit)."""
+        for p in self.params:
+            p.grad = None
