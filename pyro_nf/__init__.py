@@ -9,6 +9,7 @@ around a fit: :func:`fit`, :func:`diagnose`, :func:`log_marginal_likelihood`,
 """
 
 from . import plots, transforms
+from ._captured_step import CapturedStep, captured_step
 from .arviz_export import to_inference_data
 from .diagnostics import (
     Diagnostics,
@@ -38,6 +39,7 @@ __all__ = [
     "AutoPlanarFlow",
     "AutoRadialFlow",
     "AutoSplineFlow",
+    "CapturedStep",
     "CheckpointError",
     "Diagnostics",
     "FastELBO",
@@ -47,6 +49,7 @@ __all__ = [
     "FlowDistribution",
     "LogMarginalLikelihood",
     "__version__",
+    "captured_step",
     "diagnose",
     "fit",
     "init_to_median_or_feasible",

@@ -21,7 +21,7 @@ import torch
 
 from . import workflow as _workflow
 from ._capture import SYNC_EVERY, SyncFreeStep, find_host_sync, unsupported_optimizer
-from ._checkpoint import rng_state
+from ._checkpoint import rng_state, set_rng_state
 from ._guide_setup import subsampled_frame
 from .fast import FastELBO
 from .guides import AutoFlow
@@ -37,7 +37,11 @@ def check_mode(compile) -> None:
 
 def plan(settings, loss, model, guide, args, kwargs, optimizer, names, params, group):
     """The :class:`SyncFreeStep` for this fit, or ``None`` (with a warning saying why not)."""
-    reason = _why_not(loss, model, guide, args, kwargs, optimizer, params, group)
+    state = rng_state()  # the checks draw nothing the fit would draw otherwise
+    try:
+        reason = _why_not(loss, model, guide, args, kwargs, optimizer, params, group)
+    finally:
+        set_rng_state(state)
 
     def loss_fn():
         return loss.differentiable_loss(model, guide, *args, **kwargs)
@@ -93,8 +97,6 @@ def _uses_cpu_random_numbers(loss_fn) -> str | None:
             loss_fn()
         changed = not torch.equal(before, torch.get_rng_state())
     finally:
-        from ._checkpoint import set_rng_state
-
         set_rng_state(state)
     if changed:
         return (
