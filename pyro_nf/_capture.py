@@ -88,6 +88,62 @@ def no_host_syncs():
                 setattr(torch.Tensor, name, method)
 
 
+def scalar_tensor(data, dtype=None, device=None, requires_grad=False) -> torch.Tensor:
+    """``torch.tensor(data, dtype=..., device=...)`` for a Python number, made on its device by a
+    fill kernel instead of a copy from the host (the dtype torch would infer: ``bool``,
+    ``int64`` or the default floating dtype)."""
+    if dtype is None:
+        dtype = (
+            torch.bool
+            if isinstance(data, bool)
+            else torch.int64
+            if isinstance(data, int)
+            else torch.get_default_dtype()
+        )
+    return torch.full((), data, dtype=dtype, device=device, requires_grad=requires_grad)
+
+
+@contextlib.contextmanager
+def capturable_scalars():
+    """Inside, ``torch.tensor(x, device=d)``, ``torch.as_tensor(x, device=d)`` and
+    ``t.new_tensor(x)`` of a Python number ``x`` on a device other than the CPU fill the value
+    on the device instead of copying it from the host.
+
+    A host-to-device copy synchronizes, so it cannot be captured in a CUDA graph, and
+    ``torch.distributions`` makes one for every Python number beside a tensor parameter
+    (``dist.Normal(loc, 1.0)``); the number is a constant of the model's code, which the graph
+    then replays as such.
+    """
+    tensor, as_tensor, new_tensor = torch.tensor, torch.as_tensor, torch.Tensor.new_tensor
+    number = (bool, int, float)
+
+    def on_device(device) -> bool:
+        return device is not None and torch.device(device).type != "cpu"
+
+    def tensor_(data, *args, dtype=None, device=None, requires_grad=False, **kwargs):
+        if isinstance(data, number) and not args and not kwargs and on_device(device):
+            return scalar_tensor(data, dtype, device, requires_grad)
+        return tensor(data, *args, dtype=dtype, device=device, requires_grad=requires_grad, **kwargs)  # fmt: skip
+
+    def as_tensor_(data, dtype=None, device=None):
+        if isinstance(data, number) and on_device(device):
+            return scalar_tensor(data, dtype, device)
+        return as_tensor(data, dtype=dtype, device=device)
+
+    def new_tensor_(self, data, dtype=None, device=None, requires_grad=False, **kwargs):
+        device = self.device if device is None else device
+        if isinstance(data, number) and not kwargs and on_device(device):
+            dtype = self.dtype if dtype is None else dtype
+            return scalar_tensor(data, dtype, device, requires_grad)
+        return new_tensor(self, data, dtype=dtype, device=device, requires_grad=requires_grad, **kwargs)  # fmt: skip
+
+    try:
+        torch.tensor, torch.as_tensor, torch.Tensor.new_tensor = tensor_, as_tensor_, new_tensor_
+        yield
+    finally:
+        torch.tensor, torch.as_tensor, torch.Tensor.new_tensor = tensor, as_tensor, new_tensor
+
+
 def find_host_sync(loss_fn: Callable[[], torch.Tensor]) -> str | None:
     """Evaluate ``loss_fn()`` once under :func:`no_host_syncs` (without gradients, validation
     off, random-number states restored): ``None`` when it reads no value on the host, else what
@@ -310,7 +366,7 @@ class SyncFreeStep:
     def _try_capture(self) -> bool:
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph), capturable_scalars():
                 self.body()
         except Exception as e:  # noqa: BLE001 - a step that cannot be captured runs eagerly
             self.capture, self.capture_error = False, f"{type(e).__name__}: {first_line(e)}"

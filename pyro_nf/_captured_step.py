@@ -110,6 +110,23 @@ class CapturedStep:
             few calls, and where it could not be captured).
         params: the trained tensors, in ``names``' order (Pyro's param store holds them).
         optimizer: the torch optimizer holding the settings and (after a read) the Adam state.
+        skipped_steps: indices of the steps skipped as non-finite (as of the last read).
+
+    Example:
+        >>> import pyro, pyro.distributions as dist, torch, pyro_nf
+        >>> def model(x):
+        ...     loc = pyro.sample("loc", dist.Normal(x.new_zeros(2), 1.0).to_event(1))
+        ...     pyro.sample("x", dist.Normal(loc, 1.0).to_event(1), obs=x)
+        >>> def guide(x):
+        ...     m = pyro.param("m", torch.zeros(2))
+        ...     pyro.sample("loc", dist.Normal(m, 0.5).to_event(1))
+        >>> step = pyro_nf.captured_step(model, guide, torch.ones(2), lr=0.1)
+        >>> for _ in range(200):
+        ...     step(torch.ones(2))
+        >>> step.num_steps, step.captured  # on a CPU the step runs eagerly
+        (200, False)
+        >>> bool((pyro.param("m") - 0.5).abs().max() < 0.2)  # the posterior mean is 0.5
+        True
     """
 
     def __init__(self, model, guide, args, kwargs, *, lr, optimizer, optimizer_kwargs,

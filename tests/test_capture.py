@@ -21,6 +21,7 @@ from device_params import needs_cuda
 from pyro.infer import Trace_ELBO
 
 import pyro_nf
+from pyro_nf import _capture
 from pyro_nf._capture import HostSync, SyncFreeStep, find_host_sync, no_host_syncs
 from pyro_nf._captured_step import elbo_loss
 
@@ -121,6 +122,33 @@ def test_no_host_syncs_refuses_every_read_and_restores_the_methods():
         with no_host_syncs(), pytest.raises(HostSync):
             read()
     assert t[0].item() == 1.0 and bool(t[0] > 0) and float(t[1]) == 1.0 and t.tolist() == [1, 1]
+
+
+def test_capturable_scalars_fill_python_numbers_on_the_device(monkeypatch):
+    # torch.distributions turns the 1.0 of Normal(loc, 1.0) into a tensor on loc's device: a
+    # host-to-device copy, which a CUDA graph cannot capture; inside, it is a fill kernel
+    filled = []
+    original = _capture.scalar_tensor
+
+    def spy(data, dtype=None, device=None, requires_grad=False):
+        filled.append((data, dtype, torch.device(device).type))
+        return original(data, dtype, device, requires_grad)
+
+    monkeypatch.setattr(_capture, "scalar_tensor", spy)
+    loc = torch.zeros(2, device="meta", dtype=torch.float64)
+    with _capture.capturable_scalars():
+        normal = torch.distributions.Normal(loc, 1.0, validate_args=False)
+        zero = loc.new_tensor(0.0)
+        assert torch.tensor(2.5).device.type == "cpu"  # CPU tensors are made as before
+        assert torch.tensor([1.0, 2.0], device="meta").shape == (2,)  # so are lists
+    assert filled == [(1.0, torch.float64, "meta"), (0.0, torch.float64, "meta")]
+    assert normal.scale.dtype == zero.dtype == torch.float64 and normal.scale.device.type == "meta"
+    assert torch.tensor is original_tensor and torch.Tensor.new_tensor is original_new_tensor
+    for value in (1.5, 2, True):  # the dtype torch.tensor would infer
+        assert original(value).dtype == torch.tensor(value).dtype
+
+
+original_tensor, original_new_tensor = torch.tensor, torch.Tensor.new_tensor
 
 
 def test_find_host_sync_names_a_model_that_reads_a_value_and_restores_the_generators():
