@@ -184,11 +184,15 @@ def unsupported_optimizer(optimizer: torch.optim.Optimizer) -> str | None:
 
 
 class FlatAdam:
-    """Adam/AdamW (``torch.optim.Adam``'s update) on flat tensors, with a device-side skip.
+    """Adam/AdamW (``torch.optim.Adam``'s update) with a device-side skip, on moments kept in
+    flat buffers.
 
     ``params`` are the tensors to update (one device and dtype), ``optimizer`` the
     ``torch.optim.Adam``/``AdamW`` that holds their settings (one group) and any state to start
-    from; :meth:`export_state` writes the state back into it.
+    from; :meth:`export_state` writes the state back into it. Where torch has it for the
+    parameters' device and dtype, the update is torch's fused Adam/AdamW kernel, whose
+    ``found_inf`` argument (the one AMP's ``GradScaler`` uses) skips a step on the device;
+    otherwise it is the same update written as masked tensor operations (:meth:`_masked`).
     """
 
     def __init__(self, params: list[torch.Tensor], optimizer: torch.optim.Optimizer) -> None:
@@ -201,17 +205,30 @@ class FlatAdam:
         self.sizes = [p.numel() for p in params]
         n = sum(self.sizes)
         self.exp_avg, self.exp_avg_sq = torch.zeros(n, **like), torch.zeros(n, **like)
-        self.step = torch.zeros((), **like)
-        self.lr = torch.tensor(float(group["lr"]), **like)
+        # one step count per parameter, as torch keeps them (all equal here)
+        self.steps = torch.zeros(len(params), dtype=torch.float32, device=like["device"])
+        self._views = [
+            (m.view_as(p), v.view_as(p), step)
+            for p, m, v, step in zip(
+                params, self.exp_avg.split(self.sizes), self.exp_avg_sq.split(self.sizes),
+                self.steps.unbind(),
+            )
+        ]  # fmt: skip
+        self.fused = fused_kernel_works(like["dtype"], like["device"])
+        lr_dtype = torch.float32 if self.fused else like["dtype"]
+        self.lr = torch.tensor(float(group["lr"]), dtype=lr_dtype, device=like["device"])
         self._lr_value = float(group["lr"])
-        start = 0
-        for p, size in zip(params, self.sizes):  # a resumed optimizer's state
+        self._constants = {
+            name: torch.tensor(value, **like)
+            for name, value in (("zero", 0.0), ("one", 1.0), ("beta2", self.beta2),
+                                ("one_minus_beta1", 1.0 - self.beta1))
+        }  # fmt: skip
+        for p, (m, v, step) in zip(params, self._views):  # a resumed optimizer's state
             state = optimizer.state.get(p, {})
             if "exp_avg" in state:
-                self.exp_avg[start : start + size] = state["exp_avg"].reshape(-1)
-                self.exp_avg_sq[start : start + size] = state["exp_avg_sq"].reshape(-1)
-                self.step.fill_(float(state["step"]))
-            start += size
+                m.copy_(state["exp_avg"])
+                v.copy_(state["exp_avg_sq"])
+                step.fill_(float(state["step"]))
 
     def set_lr(self, value: float) -> None:
         """Set the learning rate (one small copy to the device, only when it changes)."""
@@ -221,45 +238,86 @@ class FlatAdam:
         self.optimizer.param_groups[0]["lr"] = value
 
     @torch.no_grad()
-    def update(self, grad: torch.Tensor, apply: torch.Tensor, clip_norm: float | None) -> None:
-        """One Adam step from the flat gradient ``grad`` where the 0-dim bool ``apply`` is set;
-        nothing changes where it is not (a NaN in ``grad`` included)."""
+    def update(
+        self,
+        grad: torch.Tensor,
+        grads: list[torch.Tensor],
+        apply: torch.Tensor,
+        clip_norm: float | None,
+    ) -> None:
+        """One Adam step from the flat gradient ``grad`` (``grads``: each parameter's view of it)
+        where the 0-dim bool ``apply`` is set; nothing changes where it is not (a NaN in
+        ``grad`` included)."""
         if clip_norm is not None:  # as torch.nn.utils.clip_grad_norm_
-            grad = grad * torch.clamp(clip_norm / (grad.norm() + 1e-6), max=1.0)
-        param = torch.cat([p.detach().reshape(-1) for p in self.params])
+            grad.mul_(torch.clamp(clip_norm / (grad.norm() + 1e-6), max=1.0))
+        applied = apply.to(torch.float32)
+        self.steps.add_(applied)
+        if not self.fused:
+            self._masked(grad, apply)
+            return
+        kernel = torch._fused_adamw_ if self.decoupled else torch._fused_adam_
+        ms, vs, steps = (list(x) for x in zip(*self._views))
+        kernel(
+            [p.detach() for p in self.params], grads, ms, vs, [], steps, amsgrad=False,
+            lr=self.lr, beta1=self.beta1, beta2=self.beta2, weight_decay=self.weight_decay,
+            eps=self.eps, maximize=False, grad_scale=None, found_inf=1.0 - applied,
+        )  # fmt: skip
+
+    def _masked(self, grad: torch.Tensor, apply: torch.Tensor) -> None:
+        """The update as masked in-place tensor operations (the moments' weights and the step
+        size are Adam's where ``apply`` is set and leave everything unchanged where it is not);
+        about ten passes over the flat vectors."""
+        c = self._constants
+        grad = torch.where(apply, grad, c["zero"])  # a skipped step's NaN stays out
         if self.weight_decay and not self.decoupled:
-            grad = grad + self.weight_decay * param
-        step = self.step + 1
-        exp_avg = torch.lerp(self.exp_avg, grad, 1.0 - self.beta1)
-        exp_avg_sq = self.beta2 * self.exp_avg_sq + (1.0 - self.beta2) * grad * grad
+            param = torch.cat([p.detach().reshape(-1) for p in self.params])
+            grad.add_(torch.where(apply, param, c["zero"]), alpha=self.weight_decay)
+        self.exp_avg.lerp_(grad, torch.where(apply, c["one_minus_beta1"], c["zero"]))
+        self.exp_avg_sq.mul_(torch.where(apply, c["beta2"], c["one"]))
+        self.exp_avg_sq.addcmul_(grad, grad, value=1.0 - self.beta2)
+        step = self.steps[0].to(grad.dtype)
+        lr = self.lr.to(grad.dtype)
         bias1 = 1.0 - torch.pow(self.beta1, step)
-        bias2 = 1.0 - torch.pow(self.beta2, step)
-        denom = exp_avg_sq.sqrt() / bias2.sqrt() + self.eps
-        new = param * (1.0 - self.lr * self.weight_decay) if self.decoupled else param
-        new = new - (self.lr / bias1) * exp_avg / denom
-        self.exp_avg.copy_(torch.where(apply, exp_avg, self.exp_avg))
-        self.exp_avg_sq.copy_(torch.where(apply, exp_avg_sq, self.exp_avg_sq))
-        self.step.copy_(torch.where(apply, step, self.step))
-        new = torch.where(apply, new, param)
-        parts = [part.view_as(p) for part, p in zip(new.split(self.sizes), self.params)]
-        torch._foreach_copy_([p.detach() for p in self.params], parts)
+        bias2 = torch.where(apply, 1.0 - torch.pow(self.beta2, step), c["one"])  # not 0
+        step_size = torch.where(apply, lr / bias1, c["zero"])
+        denom = (self.exp_avg_sq.sqrt() / bias2.sqrt()).add_(self.eps)
+        update = (self.exp_avg / denom).mul_(step_size)
+        params = [p.detach() for p in self.params]
+        if self.weight_decay and self.decoupled:
+            torch._foreach_mul_(params, torch.where(apply, 1.0 - lr * self.weight_decay, c["one"]))  # fmt: skip
+        torch._foreach_sub_(params, [u.view_as(p) for u, p in zip(update.split(self.sizes), params)])  # fmt: skip
 
     def export_state(self) -> None:
         """Write the moments and the step count into the torch optimizer's state (its
         ``state_dict`` then holds them, as after its own steps). Reads the step count: a sync."""
         group = self.optimizer.param_groups[0]
-        step = float(self.step)
         on_device = group.get("fused") or group.get("capturable")
-        start = 0
-        for p, size in zip(self.params, self.sizes):
+        for p, (m, v, step) in zip(self.params, self._views):
             self.optimizer.state[p] = {
                 "step": torch.tensor(
-                    step, dtype=torch.float32, device=p.device if on_device else "cpu"
+                    float(step), dtype=torch.float32, device=p.device if on_device else "cpu"
                 ),
-                "exp_avg": self.exp_avg[start : start + size].view_as(p),
-                "exp_avg_sq": self.exp_avg_sq[start : start + size].view_as(p),
+                "exp_avg": m,
+                "exp_avg_sq": v,
             }
-            start += size
+
+
+def fused_kernel_works(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether torch's fused Adam kernel, with a tensor learning rate and ``found_inf``, runs for
+    parameters of this dtype on this device (torch >= 2.4 on a CPU; tried once on tiny tensors)."""
+    try:
+        x = [torch.zeros(2, dtype=dtype, device=device)]
+        g = [torch.ones(2, dtype=dtype, device=device)]
+        m, v = [torch.zeros_like(x[0])], [torch.zeros_like(x[0])]
+        step = [torch.ones((), dtype=torch.float32, device=device)]
+        flag = torch.zeros((), dtype=torch.float32, device=device)
+        lr = torch.tensor(0.5, dtype=torch.float32, device=device)
+        torch._fused_adam_(x, g, m, v, [], step, amsgrad=False, lr=lr, beta1=0.9, beta2=0.999,
+                           weight_decay=0.0, eps=1e-8, maximize=False, grad_scale=None,
+                           found_inf=flag)  # fmt: skip
+        return bool(torch.isfinite(x[0]).all()) and float(x[0][0]) < 0
+    except Exception:  # noqa: BLE001 - no such kernel here: the masked update
+        return False
 
 
 class SyncFreeStep:
@@ -297,9 +355,6 @@ class SyncFreeStep:
         like = {"dtype": params[0].dtype, "device": params[0].device}
         index = {"dtype": torch.long, "device": params[0].device}
         self.grad = torch.zeros(sum(self.adam.sizes), **like)
-        self._owner = torch.cat(
-            [torch.full((size,), i, **index) for i, size in enumerate(self.adam.sizes)]
-        )
         self._attach_grads()
         self.capacity = capacity
         self.record = torch.zeros(capacity, 2, **like)  # loss, finite flag
@@ -314,9 +369,10 @@ class SyncFreeStep:
         self.capture_error: str | None = None
 
     def _attach_grads(self) -> None:
-        start = 0
+        start, self._grads = 0, []
         for p, size in zip(self.params, self.adam.sizes):
             p.grad = self.grad[start : start + size].view_as(p)
+            self._grads.append(p.grad)
             start += size
 
     # -- the step --------------------------------------------------------------------------
@@ -328,13 +384,14 @@ class SyncFreeStep:
         loss.backward()
         with torch.no_grad():
             loss = loss.detach().to(self.grad.dtype)
-            finite = torch.isfinite(self.grad)
-            ok = torch.isfinite(loss) & finite.all()
+            # one norm per gradient (one multi-tensor kernel): finite exactly when every entry
+            # is, except for a norm that overflows the dtype (entries of 1e19 in float32),
+            # which counts as non-finite
+            bad = ~torch.isfinite(torch.stack(torch._foreach_norm(self._grads)))
+            ok = torch.isfinite(loss) & ~bad.any()
             frozen = self.bad_run >= self.max_bad
-            counts = torch.zeros(len(self.params), dtype=self.grad.dtype, device=self.grad.device)
-            counts.index_add_(0, self._owner, (~finite).to(self.grad.dtype))
-            self.bad_params.copy_(torch.where(~ok & ~frozen, counts > 0, self.bad_params))
-            self.adam.update(self.grad, ok & ~frozen, self.clip_norm)
+            self.bad_params.copy_(torch.where(~ok & ~frozen, bad, self.bad_params))
+            self.adam.update(self.grad, self._grads, ok & ~frozen, self.clip_norm)
             self.bad_run.copy_(
                 torch.where(frozen, self.bad_run, torch.where(ok, 0, self.bad_run + 1))
             )

@@ -57,6 +57,15 @@ def run_fit(model, make_guide, *args, compile=False, **kwargs):
     return result, {n: v.detach().clone() for n, v in pyro.get_param_store().items()}
 
 
+@pytest.fixture(params=["fused", "masked"])
+def adam_kernel(request, monkeypatch):
+    """The captured step's Adam update: torch's fused kernel, or the masked tensor operations
+    used where torch has no fused kernel for the device and dtype."""
+    if request.param == "masked":
+        monkeypatch.setattr(_capture, "fused_kernel_works", lambda dtype, device: False)
+    return request.param
+
+
 def assert_same_fit(a, b, rtol=1e-4, atol=1e-5):
     (ra, pa), (rb, pb) = a, b
     assert ra.num_steps == rb.num_steps and ra.skipped_steps == rb.skipped_steps
@@ -91,7 +100,7 @@ def test_fit_compile_gives_the_usual_losses_and_parameters(guide, mode):
     ],
     ids=["particles", "clip-schedule", "adamw", "adam-weight-decay", "stopping-rule"],
 )
-def test_fit_compile_keeps_fits_options(options):
+def test_fit_compile_keeps_fits_options(options, adam_kernel):
     eager = run_fit(logistic, GUIDES["planar"], *data(), **options)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -112,6 +121,12 @@ def test_the_fit_step_reads_no_tensor_value_on_the_host(monkeypatch):
     monkeypatch.setattr(SyncFreeStep, "body", body_without_syncs)
     result, _ = run_fit(logistic, GUIDES["iaf"], *data(), compile=True, num_particles=2)
     assert result.stopped == "num_steps" and len(guarded) == 30
+
+
+def test_the_fused_kernel_is_used_where_torch_has_it():
+    fused = _capture.fused_kernel_works(torch.float32, torch.device("cpu"))
+    major, minor = (int(x) for x in torch.__version__.split(".")[:2])
+    assert fused == ((major, minor) >= (2, 4))
 
 
 def test_no_host_syncs_refuses_every_read_and_restores_the_methods():
@@ -174,7 +189,7 @@ def kink():  # finite log-density, NaN gradient (sqrt at 0) at every step
 
 
 @pytest.mark.parametrize("mode", [False, True])
-def test_a_fit_whose_gradients_are_never_finite_stops_with_the_same_error(mode):
+def test_a_fit_whose_gradients_are_never_finite_stops_with_the_same_error(mode, adam_kernel):
     pyro.clear_param_store()
     guide = pyro_nf.AutoPlanarFlow(kink, 1)
     guide.setup()
@@ -206,7 +221,7 @@ def make_flaky(bad_steps):
     return model, schedule
 
 
-def test_non_finite_steps_are_skipped_and_reported_as_by_the_usual_step():
+def test_non_finite_steps_are_skipped_and_reported_as_by_the_usual_step(adam_kernel):
     model, schedule = make_flaky({3, 4, 11, 25})
     eager = run_fit(model, GUIDES["planar"], *data(), lr_schedule=schedule)
     compiled = run_fit(model, GUIDES["planar"], *data(), lr_schedule=schedule, compile=True)
@@ -214,7 +229,7 @@ def test_non_finite_steps_are_skipped_and_reported_as_by_the_usual_step():
     assert_same_fit(eager, compiled)
 
 
-def test_the_device_freezes_the_parameters_at_the_step_that_reaches_max_bad_steps():
+def test_the_device_freezes_the_parameters_at_the_step_that_reaches_max_bad_steps(adam_kernel):
     # steps 10-12 are bad (3 = max_bad_steps); steps 13 on are finite and would move the
     # parameters if the device did not freeze them: the host reads the record only at step 100
     model, schedule = make_flaky({10, 11, 12})
