@@ -292,10 +292,10 @@ class FlatAdam:
         ``state_dict`` then holds them, as after its own steps). Reads the step count: a sync."""
         group = self.optimizer.param_groups[0]
         on_device = group.get("fused") or group.get("capturable")
-        for p, (m, v, step) in zip(self.params, self._views):
+        for p, (m, v, _), step in zip(self.params, self._views, self.steps.tolist()):
             self.optimizer.state[p] = {
                 "step": torch.tensor(
-                    float(step), dtype=torch.float32, device=p.device if on_device else "cpu"
+                    step, dtype=torch.float32, device=p.device if on_device else "cpu"
                 ),
                 "exp_avg": m,
                 "exp_avg_sq": v,
