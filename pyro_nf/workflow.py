@@ -236,7 +236,9 @@ def fit(
             with the parameters of the last finite one. Needs a pyro_nf flow autoguide with the
             default loss (or a :class:`~pyro_nf.FastELBO`), Adam or AdamW, and a model without
             subsampling whose step reads no tensor value in Python; otherwise (and with
-            ``distributed=True``) a warning says why and the usual step runs.
+            ``distributed=True``) a warning says why and the usual step runs. (Not
+            :class:`~pyro_nf.FastELBO`'s ``compile``, which compiles the flow's sample-and-score
+            with ``torch.compile``.)
 
     Returns:
         :class:`FitResult` with one loss per step.

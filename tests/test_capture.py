@@ -269,6 +269,19 @@ def test_a_failing_step_is_a_fit_error_carrying_the_steps_read_so_far(tmp_path):
     assert torch.load(tmp_path / "ck.pt", weights_only=True)["step"] == 130
 
 
+def test_ctrl_c_returns_the_steps_read_and_unread_so_far():
+    def interrupt(step):
+        if step == 150:
+            raise KeyboardInterrupt
+        return 1.0
+
+    with pytest.warns(UserWarning, match="fit interrupted at step 150"):
+        result, _ = run_fit(logistic, GUIDES["planar"], *data(), num_steps=300,
+                            lr_schedule=interrupt, compile=True)  # fmt: skip
+    assert result.stopped == "interrupted" and result.num_steps == 150
+    assert len(result.losses) == 150 and np.isfinite(result.losses).all()
+
+
 # --------------------------------------------------------------------------------------------
 # Checkpoints
 # --------------------------------------------------------------------------------------------
