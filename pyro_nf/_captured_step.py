@@ -60,10 +60,10 @@ def captured_step(
     What the model and guide must satisfy (see :doc:`/gpu`): every latent of the model is a
     reparameterized sample site of the guide; the same shapes at every call (a call with other
     shapes, such as a smaller last mini-batch, runs eagerly with a warning: right, not fast);
-    no Python decision on a tensor's value and no ``.item()`` (found once at construction: the
-    step then runs eagerly, with a warning); no subsampling plate (its random indices would be
-    replayed: runs eagerly, with a warning); non-tensor arguments that do not change between
-    calls. Where it is not captured the step computes the same numbers eagerly.
+    no Python decision on a tensor's value and no ``.item()`` (on CUDA, looked for once at
+    construction: the step then runs eagerly, with a warning); no subsampling plate (its random
+    indices would be replayed: runs eagerly, with a warning); non-tensor arguments that do not
+    change between calls. Where it is not captured the step computes the same numbers eagerly.
 
     Args:
         model, guide: Pyro model and guide; ``*args, **kwargs`` are example arguments for both.
