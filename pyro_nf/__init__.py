@@ -19,6 +19,7 @@ from .diagnostics import (
 )
 from .fast import FastELBO
 from .flow import Flow, FlowDistribution
+from .gaps import InferenceGaps, inference_gaps
 from .guides import (
     AutoFlow,
     AutoIAFFlow,
@@ -45,10 +46,12 @@ __all__ = [
     "FitResult",
     "Flow",
     "FlowDistribution",
+    "InferenceGaps",
     "LogMarginalLikelihood",
     "__version__",
     "diagnose",
     "fit",
+    "inference_gaps",
     "init_to_median_or_feasible",
     "log_marginal_likelihood",
     "plot_losses",
