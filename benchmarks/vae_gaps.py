@@ -281,16 +281,16 @@ def main(argv=None):
     p.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--split-seed", type=int, default=0)
-    p.add_argument("--decoder-epochs", type=int, nargs=2, default=[60, 150], metavar=("MNIST", "DIGITS"))  # fmt: skip
-    p.add_argument("--encoder-epochs", type=int, nargs=2, default=[20, 50], metavar=("MNIST", "DIGITS"))  # fmt: skip
+    p.add_argument("--decoder-epochs", type=int, nargs=2, default=[40, 100], metavar=("MNIST", "DIGITS"))  # fmt: skip
+    p.add_argument("--encoder-epochs", type=int, nargs=2, default=[10, 30], metavar=("MNIST", "DIGITS"))  # fmt: skip
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--test-points", type=int, default=200)
-    p.add_argument("--local-steps", type=int, default=500)
+    p.add_argument("--test-points", type=int, default=100)
+    p.add_argument("--local-steps", type=int, default=300)
     p.add_argument("--local-lr", type=float, default=0.01)
-    p.add_argument("--local-particles", type=int, default=8)
+    p.add_argument("--local-particles", type=int, default=4)
     p.add_argument("--elbo-samples", type=int, default=200)
-    p.add_argument("--iw-samples", type=int, default=5000)
+    p.add_argument("--iw-samples", type=int, default=1000)
     p.add_argument("--chunk-size", type=int, default=100)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--results", default=os.path.join(HERE, "results", "vae_gaps.md"))
