@@ -230,7 +230,8 @@ def inference_gaps(
 ) -> InferenceGaps:
     """Approximation and amortization gaps of a VAE's posterior (Cremer, Li & Duvenaud 2018).
 
-    The decoder and the posterior are used as they are (nothing of theirs is trained). For every
+    The decoder and the posterior are used as they are: nothing of theirs is trained and their
+    parameters' ``.grad`` are left untouched. For every
     datapoint :math:`x_i` of ``x`` it estimates
 
     - ``amortized_elbo``: :math:`\\mathcal L[q_\\phi] = E_{q_\\phi(z|x_i)}[\\log p(x_i|z) + \\log
@@ -364,10 +365,11 @@ def inference_gaps(
         # cosine decay to a hundredth: the fit settles instead of hovering at Adam's noise level
         decay = torch.optim.lr_scheduler.CosineAnnealingLR(optim, max(local_steps, 1), local_lr / 100)  # fmt: skip
         for step in range(local_steps):
-            optim.zero_grad()
             lw = _log_weights(log_likelihood, prior, xb, flow(onehot), local_particles)
             loss = -lw.mean(0).sum()
-            loss.backward()
+            # gradients of the local parameters only: the user's decoder keeps its .grad as is
+            for p, g in zip(params, torch.autograd.grad(loss, params)):
+                p.grad = g
             optim.step()
             decay.step()
             if (step + 1) % max(1, local_steps // 10) == 0 or step + 1 == local_steps:
