@@ -176,6 +176,13 @@ def test_benchmark_quick(tmp_path):
     assert all("nan" not in r and r.count("|") == 9 for r in rows)
     png = (tmp_path / "gaps.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+    # the report can be rewritten from the per-digit JSON: the same tables, no training
+    out = tmp_path / "again.md"
+    vae_gaps.main(["--quick", "--results", str(out), "--from-json", str(tmp_path / "gaps.json")])
+    again = out.read_text()
+    assert "rewritten from its JSON" in again
+    table = lambda text: text.split("## sklearn digits")[1].split("## Cremer")[0]  # noqa: E731
+    assert table(again) == table(md)
 
 
 def test_the_users_modules_are_left_alone():
