@@ -60,6 +60,8 @@ class InferenceGaps:
         amortization_gap: ``local_elbo - amortized_elbo`` per datapoint.
         local_family, num_transforms: the family of the local posterior.
         iw_samples, elbo_samples, local_steps: the budgets used.
+        local_start: ``"amortized"`` (each local fit started at the amortized posterior's own
+            parameters) or ``"moments"`` (at a Gaussian with its moments).
         local_trace: ``(step, mean local ELBO)`` every tenth of the local steps (the training
             estimate with ``local_particles`` draws, averaged over datapoints and batches): if it
             still rises at the end, the local fit has not converged.
@@ -80,6 +82,7 @@ class InferenceGaps:
     elbo_samples: int
     local_steps: int
     local_trace: list = None
+    local_start: str = "moments"
 
     @property
     def approximation_gap(self) -> Tensor:
@@ -186,8 +189,21 @@ def _defensive_log_weights(log_likelihood, prior, x, q, num: int, widen: float) 
     return log_likelihood(x, z) + prior.log_prob(z) - log_m
 
 
+def _same_family(flow: Flow, family: str, num_transforms: int) -> bool:
+    """Whether ``flow``'s posterior for each context is a member of the local family: the same
+    layers, order and options, and nothing after them."""
+    k = 0 if family == "gaussian" else num_transforms
+    return (
+        len(flow.layers) == k
+        and (k == 0 or flow.transform == family)
+        and flow.affine_first
+        and flow.precond_tril is None
+        and flow.outer_transform is None
+    )
+
+
 def _local_flow(n: int, dim: int, family: str, num_transforms: int, loc: Tensor, scale: Tensor,
-                flow_kwargs: dict) -> Flow:  # fmt: skip
+                flow_kwargs: dict, raw_start: list[Tensor] | None = None) -> Flow:  # fmt: skip
     """A flow with one set of parameters per datapoint: a context of size ``n`` that is the
     one-hot code of the datapoint, each head's bias folded into its weight and frozen, so the
     head's column ``i`` is datapoint ``i``'s parameters and nothing is shared. The affine base of
@@ -203,16 +219,20 @@ def _local_flow(n: int, dim: int, family: str, num_transforms: int, loc: Tensor,
                 head.weight.add_(head.bias.unsqueeze(-1))
                 head.bias.zero_()
                 head.bias.requires_grad_(False)
-        # the affine layer's raw parameters are [loc, softplus^-1(scale)] (transforms/affine.py)
-        flow.affine.head.weight.copy_(torch.cat([loc, inverse_softplus(scale)], -1).T)
+        if raw_start is not None:  # datapoint i starts at the amortized posterior's parameters
+            for module, raw in zip([flow.affine, *flow.layers], raw_start):
+                module.head.weight.copy_(raw.T)
+        else:  # the affine layer's raw parameters are [loc, softplus^-1(scale)] (affine.py)
+            flow.affine.head.weight.copy_(torch.cat([loc, inverse_softplus(scale)], -1).T)
     return flow
 
 
 def inference_gaps(
     log_likelihood: Callable[[Tensor, Tensor], Tensor],
     x: Tensor,
-    posterior: Callable[[Tensor], torch.distributions.Distribution],
+    posterior: Callable[[Tensor], torch.distributions.Distribution] | Flow,
     *,
+    encoder: Callable[[Tensor], Tensor] | None = None,
     prior: torch.distributions.Distribution | None = None,
     local: str = "gaussian",
     num_transforms: int = 16,
@@ -238,8 +258,12 @@ def inference_gaps(
     - ``amortized_elbo``: :math:`\\mathcal L[q_\\phi] = E_{q_\\phi(z|x_i)}[\\log p(x_i|z) + \\log
       p(z) - \\log q_\\phi(z|x_i)]` with ``elbo_samples`` draws of ``posterior(x)``;
     - ``local_elbo``: the same for a posterior of family ``local`` fitted to :math:`x_i` alone:
-      its own parameters, started at a Gaussian with the mean and standard deviation of
-      ``init_samples`` draws of the amortized posterior (the layers of a flow at the identity),
+      its own parameters, started at the amortized posterior's own parameters for
+      :math:`x_i` when that posterior is a member of the family (a :class:`pyro_nf.Flow` given
+      with ``encoder=``, with ``num_transforms`` layers of family ``local``, or none for
+      ``"gaussian"``): the fit then starts at the amortized ELBO and can only climb; otherwise
+      at a Gaussian with the mean and standard deviation of ``init_samples`` draws of the
+      amortized posterior (the layers of a flow at the identity);
       then ``local_steps`` Adam steps (learning rate ``local_lr`` for the Gaussian base,
       ``layer_lr`` for a flow's layers, both cosine-decayed to a hundredth of ``local_lr``,
       ``local_particles`` draws per step) on the ELBO, all datapoints of a batch of ``batch_size`` at once (their parameters
@@ -267,9 +291,13 @@ def inference_gaps(
             z_{s,i})` of shape ``(S, n)`` (summed over each datapoint's own dimensions), e.g.
             ``dist.Bernoulli(logits=decoder(z)).to_event(1).log_prob(x)``.
         x: the datapoints, a tensor whose first dimension indexes them (a test set).
-        posterior: ``posterior(x)`` returns the amortized posterior: a distribution with
-            ``batch_shape (n,)``, ``event_shape (D,)``, ``rsample`` and ``log_prob`` (or a
-            :class:`pyro_nf.FlowDistribution`), e.g. ``lambda x: flow(encoder(x))``.
+        posterior: the amortized posterior: a callable, ``posterior(x)`` returning a
+            distribution with ``batch_shape (n,)``, ``event_shape (D,)``, ``rsample`` and
+            ``log_prob`` (or a :class:`pyro_nf.FlowDistribution`), e.g. ``lambda x:
+            flow(encoder(x))``; or a :class:`pyro_nf.Flow` with a context, given with
+            ``encoder``, which lets the local fits start at its parameters (above).
+        encoder: with a :class:`pyro_nf.Flow` posterior, the callable that maps ``x`` to the
+            flow's context.
         prior: the prior :math:`p(z)`, ``event_shape (D,)``; default :math:`\\mathcal N(0, I)`.
         local: family of the local posterior, one of ``"gaussian"`` (diagonal), ``"planar"``,
             ``"radial"``; the flows use :class:`pyro_nf.Flow` with ``num_transforms`` layers, every
@@ -307,6 +335,17 @@ def inference_gaps(
     """
     if not callable(log_likelihood) or not callable(posterior):
         raise TypeError("inference_gaps: log_likelihood and posterior must be callables")
+    if isinstance(posterior, Flow):
+        if posterior.context_dim == 0 or not callable(encoder):
+            raise ValueError(
+                "inference_gaps: a pyro_nf.Flow posterior needs a context: give a Flow with "
+                "context_dim > 0 and encoder=, the callable that maps x to its context"
+            )
+    elif encoder is not None:
+        raise ValueError(
+            "inference_gaps: encoder= goes with a pyro_nf.Flow posterior; a callable posterior "
+            "maps x to the distribution itself"
+        )
     if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[0] < 1:
         raise ValueError(
             "inference_gaps: x must be a tensor whose first dimension indexes at least one "
@@ -334,7 +373,8 @@ def inference_gaps(
         xb = x[start : start + batch_size]
         n = xb.shape[0]
         with torch.no_grad():
-            q_amortized = posterior(xb)
+            h = encoder(xb) if encoder is not None else None
+            q_amortized = posterior(h) if h is not None else posterior(xb)
             event = tuple(getattr(q_amortized, "event_shape", ()))
             if len(event) != 1 or tuple(getattr(q_amortized, "batch_shape", ())) != (n,):
                 raise ValueError(
@@ -365,7 +405,13 @@ def inference_gaps(
             z_init = q_amortized.sample((init_samples,))
             loc, scale = z_init.mean(0), z_init.std(0).clamp_min(1e-4)
 
-        flow = _local_flow(n, dim, local, num_transforms, loc, scale, flow_kwargs)
+        raw_start = None
+        if encoder is not None and _same_family(posterior, local, num_transforms):
+            with torch.no_grad():
+                raw_start = [m._raw(h) for m in [posterior.affine, *posterior.layers]]
+            flow_kwargs = {**posterior.layers[0].options(), **flow_kwargs} if len(posterior.layers) else flow_kwargs  # fmt: skip
+        local_start = "amortized" if raw_start is not None else "moments"
+        flow = _local_flow(n, dim, local, num_transforms, loc, scale, flow_kwargs, raw_start)
         onehot = torch.eye(n, dtype=loc.dtype, device=loc.device)
         base = [p for p in flow.affine.parameters() if p.requires_grad]
         layers = [p for p in flow.layers.parameters() if p.requires_grad]
@@ -414,4 +460,5 @@ def inference_gaps(
         elbo_samples=elbo_samples,
         local_steps=local_steps,
         local_trace=sorted(trace.items()),
+        local_start=local_start,
     )

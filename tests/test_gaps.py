@@ -204,3 +204,36 @@ def test_the_users_modules_are_left_alone():
     after = [*decoder.parameters(), *encoder.parameters()]
     assert all(torch.equal(a, b) for a, b in zip(after, before))
     assert all(p.grad is None for p in after)
+
+
+def test_a_flow_posterior_starts_the_local_fit_at_its_own_parameters():
+    """Given as a pyro_nf.Flow with its encoder, an amortized posterior of the local family
+    starts each local fit at its own parameters: with no step the local posterior is the
+    amortized one (same ELBO up to Monte Carlo error), and steps only improve it."""
+    pr = make_problem(orthogonal=False, n=6, seed=3)
+    torch.manual_seed(3)
+    flow = pyro_nf.Flow(2, "planar", 2, context_dim=4).double()
+    encoder = torch.nn.Linear(4, 4).double()
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    call = dict(encoder=encoder, local="planar", num_transforms=2, elbo_samples=20000,
+                iw_samples=100)  # fmt: skip
+    still = pyro_nf.inference_gaps(pr["log_lik"], pr["x"], flow, local_steps=0, **call)
+    assert still.local_start == "amortized"
+    # the two ELBOs are means of 20000 independent log-weights each: their difference is noise
+    with torch.no_grad():
+        z, log_q = flow(encoder(pr["x"])).rsample_and_log_prob((20000,))
+        lw = pr["log_lik"](pr["x"], z) + dist.Normal(0.0, 1.0).expand([2]).to_event(1).log_prob(z) - log_q  # fmt: skip
+    se = lw.std(0) * math.sqrt(2 / 20000)
+    assert (still.amortization_gap.abs() < 4 * se).all(), (still.amortization_gap, se)
+    fitted = pyro_nf.inference_gaps(pr["log_lik"], pr["x"], flow, local_steps=200, **call)
+    assert (fitted.amortization_gap > 0.05).all(), fitted.amortization_gap
+    # another family, or a plain callable, starts from the moments
+    other = pyro_nf.inference_gaps(pr["log_lik"], pr["x"], flow, encoder=encoder, local_steps=0,
+                                   elbo_samples=4, iw_samples=4)  # fmt: skip
+    assert other.local_start == "moments"
+    with pytest.raises(ValueError, match="encoder= goes with a pyro_nf.Flow"):
+        pyro_nf.inference_gaps(pr["log_lik"], pr["x"], lambda x: flow(encoder(x)), encoder=encoder)
+    with pytest.raises(ValueError, match="needs a context"):
+        pyro_nf.inference_gaps(pr["log_lik"], pr["x"], flow)
