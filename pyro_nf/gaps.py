@@ -70,6 +70,17 @@ class InferenceGaps:
     ``local_elbo_mean``, ``approximation_gap_mean`` and ``amortization_gap_mean``, each with a
     ``..._se`` (standard error over datapoints). ``as_dict()`` gives them as plain floats and
     ``str(result)`` as a small table.
+
+    Example:
+        >>> import torch
+        >>> gaps = InferenceGaps(log_px=torch.tensor([-10.0, -12.0]), log_px_se=torch.zeros(2),
+        ...                      amortized_elbo=torch.tensor([-11.5, -13.0]),
+        ...                      local_elbo=torch.tensor([-10.5, -12.5]), local_family="gaussian",
+        ...                      num_transforms=0, iw_samples=1, elbo_samples=1, local_steps=0)
+        >>> gaps.approximation_gap, gaps.amortization_gap
+        (tensor([0.5000, 0.5000]), tensor([1.0000, 0.5000]))
+        >>> gaps.amortization_gap_mean
+        0.75
     """
 
     log_px: Tensor

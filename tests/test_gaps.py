@@ -169,11 +169,13 @@ def test_benchmark_quick(tmp_path):
     finally:
         torch.set_num_threads(threads)
     md = (tmp_path / "gaps.md").read_text()
-    section = md.split("## sklearn digits")[1].split("##")[0]
+    section = md.split("## sklearn digits")[1].split("Paired with the Gaussian")[0]
     rows = [ln for ln in section.splitlines() if ln.startswith("| ") and "posterior" not in ln]
     labels = [r.split("|")[1].strip() for r in rows]
     assert labels == ["Gaussian", "planar K=16", "radial K=16", "IAF K=4"]
     assert all("nan" not in r and r.count("|") == 9 for r in rows)
+    paired = md.split("Paired with the Gaussian")[1].split("## ")[0]
+    assert [r.split("|")[1].strip() for r in paired.splitlines() if r.startswith("| ") and "posterior" not in r] == labels[1:]  # fmt: skip
     png = (tmp_path / "gaps.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
     # the report can be rewritten from the per-digit JSON: the same tables, no training
