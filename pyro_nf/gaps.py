@@ -263,8 +263,8 @@ def inference_gaps(
     """Approximation and amortization gaps of a VAE's posterior (Cremer, Li & Duvenaud 2018).
 
     The decoder and the posterior are used as they are: nothing of theirs is trained and their
-    parameters' ``.grad`` are left untouched. For every
-    datapoint :math:`x_i` of ``x`` it estimates
+    parameters' ``.grad`` are left untouched. For every datapoint :math:`x_i` of ``x`` it
+    estimates
 
     - ``amortized_elbo``: :math:`\\mathcal L[q_\\phi] = E_{q_\\phi(z|x_i)}[\\log p(x_i|z) + \\log
       p(z) - \\log q_\\phi(z|x_i)]` with ``elbo_samples`` draws of ``posterior(x)``;
@@ -277,8 +277,9 @@ def inference_gaps(
       amortized posterior (the layers of a flow at the identity);
       then ``local_steps`` Adam steps (learning rate ``local_lr`` for the Gaussian base,
       ``layer_lr`` for a flow's layers, both cosine-decayed to a hundredth of ``local_lr``,
-      ``local_particles`` draws per step) on the ELBO, all datapoints of a batch of ``batch_size`` at once (their parameters
-      never mix: the loss is a sum of per-datapoint terms and Adam's update is elementwise);
+      ``local_particles`` draws per step) on the ELBO, all datapoints of a batch of
+      ``batch_size`` at once (their parameters never mix: the loss is a sum of per-datapoint
+      terms and Adam's update is elementwise);
     - ``log_px``: :math:`\\log \\frac1S\\sum_s p(x_i, z_s)/m(z_s)` with :math:`S =`
       ``iw_samples`` draws (Burda et al. 2016), ``chunk_size`` at a time so memory stays
       bounded, from the defensive mixture (Hesterberg 1995) :math:`m = \\frac12 q^* + \\frac12
@@ -286,10 +287,10 @@ def inference_gaps(
       widened by :math:`\\tau =` ``iw_widen``. A posterior fitted by the ELBO is narrower than
       the target where they differ, and importance weights from a narrower proposal can have
       infinite variance; the widened half keeps the tails covered, and the other half costs at
-      most a factor 2 in the weights (``iw_widen=1``: :math:`q^*` alone). It is a stochastic lower bound of
-      :math:`\\log p(x_i)`; with a good proposal and many draws it is tight. The approximation
-      gap includes whatever bias it has left, so increase ``iw_samples`` until ``log_px`` stops
-      moving.
+      most a factor 2 in the weights (``iw_widen=1``: :math:`q^*` alone). It is a stochastic
+      lower bound of :math:`\\log p(x_i)`; with a good proposal and many draws it is tight.
+      The approximation gap includes whatever bias it has left, so increase ``iw_samples``
+      until ``log_px`` stops moving.
 
     The gaps are ``approximation_gap = log_px - local_elbo`` and ``amortization_gap =
     local_elbo - amortized_elbo``; they add up to ``log_px - amortized_elbo``. A local fit that
@@ -451,10 +452,13 @@ def inference_gaps(
         lw_local = _chunked_log_weights(log_likelihood, prior, xb, q_local, elbo_samples, chunk_size)  # fmt: skip
         results["local"].append(lw_local.mean(0))
         with torch.no_grad():
-            lw_iw = torch.cat([
-                _defensive_log_weights(log_likelihood, prior, xb, q_local, min(chunk_size, iw_samples - i), iw_widen)
-                for i in range(0, iw_samples, chunk_size)
-            ])  # fmt: skip
+            sizes = [min(chunk_size, iw_samples - i) for i in range(0, iw_samples, chunk_size)]
+            lw_iw = torch.cat(
+                [
+                    _defensive_log_weights(log_likelihood, prior, xb, q_local, size, iw_widen)
+                    for size in sizes
+                ]
+            )
         value, se = _logmeanexp_and_se(lw_iw)
         results["log_px"].append(value)
         results["log_px_se"].append(se)
