@@ -20,6 +20,7 @@ from .diagnostics import (
 )
 from .fast import FastELBO
 from .flow import Flow, FlowDistribution
+from .gaps import InferenceGaps, inference_gaps
 from .guides import (
     AutoFlow,
     AutoIAFFlow,
@@ -47,11 +48,13 @@ __all__ = [
     "FitResult",
     "Flow",
     "FlowDistribution",
+    "InferenceGaps",
     "LogMarginalLikelihood",
     "__version__",
     "captured_step",
     "diagnose",
     "fit",
+    "inference_gaps",
     "init_to_median_or_feasible",
     "log_marginal_likelihood",
     "plot_losses",
