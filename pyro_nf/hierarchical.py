@@ -158,6 +158,9 @@ class AutoHierarchicalFlow(AutoGuide):
         init_loc_fn: per-site initialization; default
             :func:`~pyro_nf.init_to_median_or_feasible`.
         init_scale: initial scale of every unconstrained coordinate; default 0.1.
+        local_plates: names of plates whose latents are local although the set-up call does
+            not subsample them (e.g. a set-up on the full data, or a plate of 1000 datapoints
+            fitted in minibatches of 1000); subsampled plates are always local.
         num_local_draws: draws of the locals per draw of the globals in :func:`pyro_nf.diagnose`
             (the locals are integrated out by importance sampling, see ``docs/hierarchical.rst``);
             default 8.
@@ -197,6 +200,7 @@ class AutoHierarchicalFlow(AutoGuide):
         init_loc_fn: Callable = init_to_median_or_feasible,
         init_scale: float = 0.1,
         num_local_draws: int = 8,
+        local_plates: Sequence[str] = (),
         local_flow_kwargs: dict | None = None,
         **flow_kwargs,
     ) -> None:
@@ -226,6 +230,9 @@ class AutoHierarchicalFlow(AutoGuide):
         self._hidden_dims = tuple(int(h) for h in hidden_dims)
         self._context_sites = context_sites
         self.num_local_draws = int(num_local_draws)
+        if isinstance(local_plates, str):
+            local_plates = (local_plates,)
+        self._declared_local = frozenset(local_plates)
         self.init_loc_fn = init_loc_fn
         super().__init__(model)
         self._init_model = (InitMessenger(init_loc_fn)(model),)
@@ -274,7 +281,11 @@ class AutoHierarchicalFlow(AutoGuide):
                     f"({type(fn).__name__}); enumerate it out (infer={{'enumerate': 'parallel'}} "
                     "with TraceEnum_ELBO) or write its guide by hand"
                 )
-            sub = [f for f in site["cond_indep_stack"] if _is_subsampled(f)]
+            sub = [
+                f
+                for f in site["cond_indep_stack"]
+                if f.vectorized and (_is_subsampled(f) or f.name in self._declared_local)
+            ]
             if len(sub) > 1:
                 raise ValueError(
                     f"{name}: site {site_name!r} sits in the nested subsampled plates "
@@ -601,7 +612,13 @@ class AutoHierarchicalFlow(AutoGuide):
                 x = self._context_values(pre, lp, size).to(part.x_loc)
                 inputs = (x - part.x_loc) / part.x_scale
                 if z_g is not None:
-                    inputs = torch.cat([inputs, z_g.expand(size, -1)], -1)
+                    # the global draw standardized by the globals' affine layer (not detached:
+                    # an equivalent parametrization, exact gradients), so the encoder's input
+                    # stays centred while the globals' location moves during the fit
+                    affine = nets["globals"].affine
+                    loc_g, scale_g = affine._split(affine.raw)
+                    g = (z_g - loc_g) / scale_g
+                    inputs = torch.cat([inputs, g.expand(size, -1)], -1)
                 z, log_q = part.flow(part.encoder(inputs)).rsample_and_log_prob()
             else:
                 index = indices[plate_name]
