@@ -6,10 +6,11 @@ A model with a few *global* latents :math:`g` and one *local* latent :math:`z_i`
 
 .. math::
     q(g, z_{1:N} \\mid x) = q_\\phi(g) \\prod_{i} q_\\psi(z_i \\mid c_i), \\qquad
-    c_i = \\text{encoder}([\\tilde x_i, u(g)]),
+    c_i = \\text{encoder}([\\tilde x_i, (u(g) - m_\\phi) / s_\\phi]),
 
 where :math:`q_\\phi(g)` is a :class:`~pyro_nf.Flow` over the flattened unconstrained globals
-:math:`u(g)` (as in :class:`~pyro_nf.AutoFlow`), :math:`\\tilde x_i` are datapoint :math:`i`'s
+:math:`u(g)` (as in :class:`~pyro_nf.AutoFlow`) whose affine layer has location :math:`m_\\phi` and
+scale :math:`s_\\phi`, :math:`\\tilde x_i` are datapoint :math:`i`'s
 observed values in the plate (standardized with the set-up minibatch's mean and sd), and
 :math:`q_\\psi(z_i \\mid c_i)` is a conditional :class:`~pyro_nf.Flow` over the flattened
 unconstrained local sites of datapoint :math:`i`, shared by all datapoints (amortized). Only the
@@ -148,7 +149,8 @@ class AutoHierarchicalFlow(AutoGuide):
         encoder: the user's encoder: an ``nn.Module`` (one local plate) or a dict from plate name
             to module, called as ``encoder(inputs)`` on ``inputs`` of shape ``(B, c + g)``: the
             datapoint's standardized observed values (``c`` numbers) then the unconstrained
-            globals (``g`` numbers); it returns the context, ``(B, H)``. Default: an MLP with
+            global draw standardized by the globals' affine layer (``g`` numbers, see the
+            module docs); it returns the context, ``(B, H)``. Default: an MLP with
             ``hidden_dims`` whose output is concatenated to its input.
         hidden_dims: hidden sizes of the default encoder; default ``(64,)``.
         context_sites: per plate, the observed sites whose values form the context: a list (one
