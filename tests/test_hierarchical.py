@@ -321,3 +321,29 @@ def test_pseudo_marginal_weights_are_exact_for_the_exact_conditional():
         assert torch.allclose(lw[0], expected, atol=1e-6)
     finally:
         torch.set_default_dtype(torch.float32)
+
+
+def test_benchmark_closed_form_posterior_matches_dense_gaussian_conditioning():
+    """benchmarks/hierarchical.py's exact posterior, against the joint Gaussian's precision."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "hierarchical.py"
+    spec = importlib.util.spec_from_file_location("_hier_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    x = bench.conjugate_data(5, 3, seed=1).double()
+    m, s, z_mean, z_sd = bench.exact_posterior(x)
+    N, n = x.shape
+    tau2, sig2 = bench.TAU**2, bench.SIGMA**2
+    P = torch.zeros(N + 1, N + 1, dtype=torch.float64)  # (mu, z_1..z_N)
+    P[0, 0] = 1 / bench.PRIOR_SD**2 + N / tau2
+    P[0, 1:] = P[1:, 0] = -1 / tau2
+    P[1:, 1:] = torch.eye(N, dtype=torch.float64) * (1 / tau2 + n / sig2)
+    b = torch.cat([torch.zeros(1, dtype=torch.float64), x.sum(1) / sig2])
+    cov = torch.linalg.inv(P)
+    mean = cov @ b
+    assert m == pytest.approx(mean[0].item(), rel=1e-10)
+    assert s == pytest.approx(cov[0, 0].sqrt().item(), rel=1e-10)
+    assert torch.allclose(z_mean, mean[1:], rtol=1e-10)
+    assert torch.allclose(torch.full((N,), z_sd, dtype=torch.float64), cov.diagonal()[1:].sqrt())
