@@ -6,11 +6,11 @@ A model with a few *global* latents :math:`g` and one *local* latent :math:`z_i`
 
 .. math::
     q(g, z_{1:N} \\mid x) = q_\\phi(g) \\prod_{i} q_\\psi(z_i \\mid c_i), \\qquad
-    c_i = \\text{encoder}([\\tilde x_i, u(g) - m_\\phi]),
+    c_i = \\text{encoder}([\\tilde x_i, (u(g) - m_\\phi) / s_\\phi]),
 
 where :math:`q_\\phi(g)` is a :class:`~pyro_nf.Flow` over the flattened unconstrained globals
-:math:`u(g)` (as in :class:`~pyro_nf.AutoFlow`) whose affine layer has location :math:`m_\\phi`,
-:math:`\\tilde x_i` are datapoint :math:`i`'s
+:math:`u(g)` (as in :class:`~pyro_nf.AutoFlow`) whose affine layer has location :math:`m_\\phi` and
+scale :math:`s_\\phi`, :math:`\\tilde x_i` are datapoint :math:`i`'s
 observed values in the plate (standardized with the set-up minibatch's mean and sd), and
 :math:`q_\\psi(z_i \\mid c_i)` is a conditional :class:`~pyro_nf.Flow` over the flattened
 unconstrained local sites of datapoint :math:`i`, shared by all datapoints (amortized). Only the
@@ -149,8 +149,8 @@ class AutoHierarchicalFlow(AutoGuide):
         encoder: the user's encoder: an ``nn.Module`` (one local plate) or a dict from plate name
             to module, called as ``encoder(inputs)`` on ``inputs`` of shape ``(B, c + g)``: the
             datapoint's standardized observed values (``c`` numbers) then the unconstrained
-            global draw minus the globals' affine location (``g`` numbers, see the module
-            docs); it returns the context, ``(B, H)``. Default: an MLP with
+            global draw standardized by the globals' affine layer (``g`` numbers, see the
+            module docs); it returns the context, ``(B, H)``. Default: an MLP with
             ``hidden_dims`` whose output is concatenated to its input.
         hidden_dims: hidden sizes of the default encoder; default ``(64,)``.
         context_sites: per plate, the observed sites whose values form the context: a list (one
@@ -614,15 +614,12 @@ class AutoHierarchicalFlow(AutoGuide):
                 x = self._context_values(pre, lp, size).to(part.x_loc)
                 inputs = (x - part.x_loc) / part.x_scale
                 if z_g is not None:
-                    # the global draw centred at the globals' affine location (not detached:
+                    # the global draw standardized by the globals' affine layer (not detached:
                     # an equivalent parametrization, exact gradients), so the encoder's input
-                    # stays centred while that location moves during the fit. Not divided by
-                    # the globals' scale: with many datapoints that scale is tiny, and a weight
-                    # on the standardized draw would have to be as tiny, below the optimizer's
-                    # step size.
+                    # stays centred while the globals' location moves during the fit
                     affine = nets["globals"].affine
-                    loc_g = affine._split(affine.raw)[0]
-                    g = z_g - loc_g
+                    loc_g, scale_g = affine._split(affine.raw)
+                    g = (z_g - loc_g) / scale_g
                     inputs = torch.cat([inputs, g.expand(size, -1)], -1)
                 z, log_q = part.flow(part.encoder(inputs)).rsample_and_log_prob()
             else:

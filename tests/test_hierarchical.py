@@ -294,9 +294,9 @@ def test_pseudo_marginal_weights_are_exact_for_the_exact_conditional():
             head.bias.zero_()
             head.weight[0, :n] = w * part.x_scale / SIGMA**2
             head.bias[0] = w * (part.x_loc / SIGMA**2).sum()
-            # the encoder sees mu centred at the globals' affine location a: mu = a + g
-            a = guide.nets["globals"].base_loc_scale()[0]
-            head.weight[0, n] = w / TAU**2
+            # the encoder sees mu standardized by the globals' affine layer: mu = a + b * g
+            a, b = guide.nets["globals"].base_loc_scale()
+            head.weight[0, n] = w / TAU**2 * b[0]
             head.bias[0] += w / TAU**2 * a[0]
             head.bias[1] = math.log(math.expm1(math.sqrt(w)))
         # the same draws' log q(mu) and the closed-form log p(x, mu): lw + log q = log p(x, mu)
