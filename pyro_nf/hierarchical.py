@@ -228,7 +228,7 @@ class AutoHierarchicalFlow(AutoGuide):
             Flow(2, transform, num_transforms, **flow_kwargs)
             Flow(2, local_transform, local_num_transforms, context_dim=1, **self._local_args[2])
         self.amortized = amortized
-        self._user_encoder = encoder
+        self._user_encoder = (encoder,)  # (a tuple: not a submodule of the guide itself)
         self._hidden_dims = tuple(int(h) for h in hidden_dims)
         self._context_sites = context_sites
         self.num_local_draws = int(num_local_draws)
@@ -409,7 +409,7 @@ class AutoHierarchicalFlow(AutoGuide):
                 part.register_buffer("x_loc", x_loc)
                 part.register_buffer("x_scale", x_scale)
                 in_dim = lp.context_dim + self._global_dim
-                encoder = self._user_encoder
+                encoder = self._user_encoder[0]
                 if isinstance(encoder, dict):
                     encoder = encoder.get(plate_name)
                 if encoder is None:

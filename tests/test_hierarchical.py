@@ -347,3 +347,17 @@ def test_benchmark_closed_form_posterior_matches_dense_gaussian_conditioning():
     assert s == pytest.approx(cov[0, 0].sqrt().item(), rel=1e-10)
     assert torch.allclose(z_mean, mean[1:], rtol=1e-10)
     assert torch.allclose(torch.full((N,), z_sd, dtype=torch.float64), cov.diagonal()[1:].sqrt())
+
+
+def test_user_encoder_is_trained_once_per_step():
+    x = data(20, 3)
+    encoder = torch.nn.Sequential(torch.nn.Linear(3 + 1, 8), torch.nn.Tanh())
+    guide = AutoHierarchicalFlow(conjugate, encoder=encoder)
+    svi = SVI(conjugate, guide, ClippedAdam({"lr": 0.01}), Trace_ELBO())
+    svi.step(x)
+    store = pyro.get_param_store()
+    tensors = [store[k] for k in store.keys()]
+    assert len({id(t) for t in tensors}) == len(tensors)  # no tensor under two names
+    assert any(t is encoder[0].weight for t in tensors)  # the user's module is trained
+    assert sum(k.startswith("AutoHierarchicalFlow.nets") for k in store.keys()) == len(tensors)
+    assert not any(k.startswith("AutoHierarchicalFlow._user") for k in guide.state_dict())
