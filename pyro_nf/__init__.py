@@ -29,6 +29,7 @@ from .guides import (
     AutoSplineFlow,
     init_to_median_or_feasible,
 )
+from .hierarchical import AutoHierarchicalFlow
 from .plots import plot_losses, plot_posterior
 from .workflow import CheckpointError, FitError, FitResult, fit
 
@@ -36,6 +37,7 @@ __version__ = "0.2.0"
 
 __all__ = [
     "AutoFlow",
+    "AutoHierarchicalFlow",
     "AutoIAFFlow",
     "AutoPlanarFlow",
     "AutoRadialFlow",

@@ -138,9 +138,11 @@ class GuideSetup:
                     f"{name} cannot guide site {site_name!r}: it is a local latent inside the "
                     f"subsampled plate {frame.name!r} (size {frame.full_size}, subsample "
                     f"{frame.size}), and a flattening guide would see a different latent "
-                    "vector at every step. Use AutoNormal for local latents (it supports "
-                    "subsampling), an amortized pyro_nf.Flow(dim, context_dim=H) in a "
-                    "hand-written guide, or drop subsample_size."
+                    "vector at every step. Use pyro_nf.AutoHierarchicalFlow (a flow over the "
+                    "globals, amortized conditional flows over the locals; see "
+                    "docs/hierarchical.rst), AutoNormal, an amortized "
+                    "pyro_nf.Flow(dim, context_dim=H) in a hand-written guide, or drop "
+                    "subsample_size."
                 )
 
     def _require_setup(self) -> None:

@@ -208,6 +208,8 @@ def draw(
     """
     _checks.integer(num_samples, "num_samples")
     _checks.integer(chunk_size, "chunk_size")
+    if vectorize is None and getattr(guide, "_draws_one_at_a_time", False):
+        vectorize = False  # a guide that does not vectorize over draws (AutoHierarchicalFlow)
     setup = _setup(model, guide, args, kwargs, data_plate)
     chunks = []
     vectorized = vectorize is not False

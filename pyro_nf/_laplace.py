@@ -48,7 +48,8 @@ class LaplaceStart:
                 raise ValueError(
                     f"precondition='laplace' needs the full log density, but site {name!r} "
                     f"is in the subsampled plate {frame.name!r} (size {frame.full_size}, "
-                    f"subsample {frame.size}); drop subsample_size, or use precondition=None"
+                    f"subsample {frame.size}); drop subsample_size, or use precondition=None "
+                    "(for local latents in subsampled plates: pyro_nf.AutoHierarchicalFlow)"
                 )
 
     def _log_joint_fn(self, args, kwargs) -> Callable[[Tensor], Tensor]:

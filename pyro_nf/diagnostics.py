@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from . import _checks
 from ._importance import draw, psis
 
 __all__ = [
@@ -152,7 +153,10 @@ def diagnose(
     Draws ``num_samples`` latents from ``guide`` (vectorized in chunks of ``chunk_size`` through a
     plate; ``vectorize=None`` falls back to one draw at a time if the model does not vectorize),
     scores them under ``model``, and summarises the log-weights (module docs). Works for any guide,
-    Pyro's autoguides included.
+    Pyro's autoguides included. For :class:`~pyro_nf.AutoHierarchicalFlow` the weights are over
+    the globals with the locals integrated out by importance sampling
+    (:meth:`~pyro_nf.AutoHierarchicalFlow.global_log_weights`; call it with the model on the
+    full data).
 
     Example:
         >>> import pyro, pyro.distributions as dist, torch, pyro_nf
@@ -164,8 +168,13 @@ def diagnose(
         >>> d.k_hat < 0.5, d.verdict.split(":")[0]
         (True, 'good')
     """
-    draws = draw(model, guide, args, kwargs, num_samples, chunk_size, vectorize=vectorize)
-    lw = draws.log_weight
+    if hasattr(guide, "global_log_weights"):  # AutoHierarchicalFlow: locals integrated out
+        _checks.integer(num_samples, "num_samples")
+        lw = guide.global_log_weights(model, *args, num_samples=num_samples, **kwargs).double()
+    else:
+        lw = draw(
+            model, guide, args, kwargs, num_samples, chunk_size, vectorize=vectorize
+        ).log_weight
     elbo = lw.mean().item()
     elbo_se = (lw.std() / math.sqrt(num_samples)).item() if num_samples > 1 else float("nan")
     iw, iw_se = _logmeanexp_and_se(lw)

@@ -494,6 +494,8 @@ def _choose_loss(
         if fast:
             raise ValueError("pass either loss= or fast=True, not both")
         return loss, False
+    if getattr(guide, "_draws_one_at_a_time", False):  # AutoHierarchicalFlow: no particle plate
+        vectorize_particles = False
     # FastELBO evaluates particles in one vectorized pass (one particle needs no vectorizing)
     vectorized = vectorize_particles or num_particles == 1
     if fast and not isinstance(guide, AutoFlow):
