@@ -62,6 +62,8 @@ _PYRO_NF_BASE = ["AutoPlanarFlow", "AutoRadialFlow", "AutoIAFFlow"]
 #: "[laplace]": the same guide with precondition="laplace"
 #: "[laplace-untrained]": no step at all, the Laplace start itself (what the flow adds to it)
 #: "[noncentered]": noncentered=True (hierarchical Normal sites non-centred inside the guide)
+#: "[elu]", "[gelu]": the MADEs' activation set explicitly (the twins of the activation default)
+ACTIVATION_TWINS = [f"{g}[{a}]" for g in ("AutoIAFFlow", "AutoSplineFlow") for a in ("elu", "gelu")]
 PYRO_NF_GUIDES = (
     _PYRO_NF_BASE
     + [f"{g}[laplace]" for g in _PYRO_NF_BASE]
@@ -70,6 +72,7 @@ PYRO_NF_GUIDES = (
         "AutoIAFFlow[noncentered]",
         "AutoIAFFlow[laplace+noncentered]",
     ]
+    + ACTIVATION_TWINS
 )
 ALL_GUIDES = PYRO_GUIDES + PYRO_NF_GUIDES
 
@@ -129,6 +132,9 @@ def _options(guide: str) -> tuple[str, list[str]]:
 
 def _options_config(guide: str, s: Settings) -> str:
     base, opts = _options(guide)
+    for act in ("elu", "gelu"):
+        if act in opts:  # the twins: the guide's own defaults but the activation
+            return f'defaults of {base}, init_scale={s.init_scale}, activation="{act}"'
     text = guide_config(base, s)
     if "laplace" in opts:
         text += ', precondition="laplace" (falls back to the plain start where no mode is found)'
@@ -189,6 +195,10 @@ def _make_guide(guide: str, model: Callable, hidden: int, s: Settings, init: Cal
         extra["precondition"] = "laplace"
     if "noncentered" in opts:
         extra["noncentered"] = True
+    for act in ("elu", "gelu"):
+        if act in opts:  # the twins: the guide's own defaults but the activation
+            cls = {"AutoIAFFlow": pyro_nf.AutoIAFFlow, "AutoSplineFlow": pyro_nf.AutoSplineFlow}
+            return cls[guide](model, init_loc_fn=init, init_scale=s.init_scale, activation=act)
     if guide == "AutoNormal":
         return AutoNormal(model, init_loc_fn=init, init_scale=s.init_scale)
     if guide == "AutoMultivariateNormal":
