@@ -126,15 +126,27 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--twins", nargs="+", required=True, help="run_posteriordb.py NAME.jsonl files")
     p.add_argument("--baseline", help="the committed benchmark's posteriordb.jsonl")
+    p.add_argument(
+        "--labelled", nargs="*", default=[], metavar="LABEL=PATH",
+        help="more run_posteriordb.py records, their guide names prefixed with LABEL (e.g. the "
+        "same guide at another --iaf-transforms)",
+    )  # fmt: skip
+    p.add_argument(
+        "--pairs", nargs="*", default=[], metavar="A|B",
+        help="more pairs of guide names (after --labelled's renaming) to tabulate, B minus A",
+    )  # fmt: skip
     p.add_argument("--vae", nargs=2, metavar=("ELU", "GELU"), help="vae_seeds.py results files")
     p.add_argument("--out", default="benchmarks/results/activation_twins.md")
     p.add_argument("--verdict", default="", help="a closing paragraph (the decision it supports)")
     a = p.parse_args(argv)
     records = load(a.twins)
+    for item in a.labelled:
+        label, path = item.rsplit("=", 1)
+        records += [{**r, "guide": f"{label} {r['guide']}"} for r in load([path])]
     cmd = "python " + " ".join([os.path.relpath(__file__), *(argv or sys.argv[1:])])
     L = ["# ELU against GELU MADEs: paired twins", "", f"Written by `{cmd}`.", ""]
     L += ["## Runs", ""]
-    for r in runs_of(a.twins):
+    for r in runs_of(a.twins + [item.rsplit("=", 1)[1] for item in a.labelled]):
         L.append(f"- `{r['command']}`: {r['fits']} fits, {r['wall_seconds'] / 60:.1f} min, "
                  f"finished {r['finished']}; {r['machine']}")  # fmt: skip
     seeds = sorted({r["seed"] for r in records})
@@ -160,6 +172,11 @@ def main(argv: list[str] | None = None) -> None:
             lines, wins = table(merged, "AutoIAFFlow (committed run)", twin, title)
             L += lines
             verdicts += [f"- {twin} against the committed AutoIAFFlow, {w}" for w in wins]
+    for pair in a.pairs:
+        first, second = pair.split("|")
+        lines, wins = table(records, first, second, f"{second} against {first}")
+        L += lines
+        verdicts += [f"- {second} against {first}, {w}" for w in wins]
     if a.vae:
         elu, gelu = (vae_rows(path) for path in a.vae)
         L += ["## VAE (vae_seeds.py)", "",
