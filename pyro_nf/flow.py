@@ -508,7 +508,6 @@ class Flow(nn.Module):
                 "Flow.load_state_dict: the state dict was saved from another kind of flow: "
                 + ", ".join(diffs)
                 + "; build the flow (or guide) with the same arguments to load it"
-                + _old_defaults_hint(state, mine)
             )
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
@@ -545,29 +544,6 @@ class Flow(nn.Module):
         """The affine layer's current location and scale, detached (flows without context only);
         they have the flow's dtype and device."""
         return self.affine.loc, self.affine.scale
-
-
-#: the repr of the MADE activation a state dict of pyro_nf 0.2's default records
-_OLD_DEFAULT_ACTIVATION = "ELU(alpha=1.0)"
-
-
-def _old_defaults_hint(state: dict, mine: dict) -> str:
-    """What to pass to rebuild a flow or guide saved with pyro_nf 0.2's defaults where they
-    changed since (issue #23): the MADE activation (ELU then) and ``AutoIAFFlow``'s
-    ``num_transforms`` (2 then). Empty when neither explains a difference."""
-    args = []
-    if state.get("transform") == mine.get("transform") == "iaf":
-        if state.get("num_transforms") == 2 != mine.get("num_transforms"):
-            args.append("num_transforms=2")
-    if state.get("activation") == _OLD_DEFAULT_ACTIVATION != mine.get("activation", ""):
-        if "activation" in mine:
-            args.append("activation='elu'")
-    if not args:
-        return ""
-    return (
-        ". If it was saved with pyro_nf 0.2's defaults (AutoIAFFlow: 2 layers; MADEs: ELU), "
-        f"build the guide or flow with {', '.join(args)} to load it"
-    )
 
 
 def _check_name(name: str) -> str:

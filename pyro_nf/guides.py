@@ -420,11 +420,10 @@ class AutoIAFFlow(AutoFlow):
     costs :math:`D` passes per layer. Consecutive layers reverse the variable order.
 
     Args:
-        num_transforms: number of IAF layers; default 4. With 2 (pyro_nf 0.2's default) the
-            seeds' banana (:math:`x_2 \\sim \\mathcal N(0, 4^2)`,
-            :math:`x_1 \\mid x_2 \\sim \\mathcal N(x_2^2/4, 1)`) was fitted far worse at the same
-            budget, and a wider MADE, wider log-scale bounds or a larger step did not make up
-            for it (:doc:`/benchmarks`).
+        num_transforms: number of IAF layers; default 2. Four fitted the seeds' banana far
+            better than two but lost on a posteriordb posterior at the benchmark's budget, so
+            two stay the default (:doc:`/benchmarks`); try 4 for strongly curved posteriors
+            and check the fit.
         hidden_dims: MADE hidden sizes; default ``(min(max(2 * D, 16), 128),)`` (see
             :class:`~pyro_nf.transforms.MADE` for why it is capped and how its steps scale).
         activation: the MADEs' hidden nonlinearity: a module class or one of the names
@@ -449,7 +448,7 @@ class AutoIAFFlow(AutoFlow):
     def __init__(
         self,
         model: Callable,
-        num_transforms: int = 4,
+        num_transforms: int = 2,
         *,
         hidden_dims: Sequence[int] | None = None,
         activation: str | Callable[[], nn.Module] = DEFAULT_ACTIVATION,

@@ -26,7 +26,6 @@ from pyro.infer.autoguide import AutoNormal, init_to_feasible, init_to_value
 from pyro.optim import Adam
 
 from pyro_nf import AutoIAFFlow, AutoPlanarFlow, AutoRadialFlow, AutoSplineFlow, Flow
-from pyro_nf.transforms.autoregressive import DEFAULT_ACTIVATION
 
 GUIDES = [AutoPlanarFlow, AutoRadialFlow, AutoIAFFlow, AutoSplineFlow]
 SMALL = {
@@ -227,31 +226,6 @@ def test_state_dict_of_other_flow_options_is_refused():
     target = make(AutoIAFFlow, model_ab).setup()
     with pytest.raises(RuntimeError, match="activation=.GELU.*this flow: .ELU"):
         target.load_state_dict(source.state_dict())
-
-
-@pytest.mark.parametrize("cls", [AutoIAFFlow, AutoSplineFlow], ids=lambda c: c.__name__)
-def test_state_dict_saved_with_the_old_defaults_is_refused_with_the_arguments_to_load_it(cls):
-    """pyro_nf 0.2's defaults (ELU MADEs, AutoIAFFlow with 2 layers) differ from today's
-    (issue #23): such a state dict never loads silently into a guide with the new defaults,
-    the error names the arguments that rebuild the old guide, and that guide loads it."""
-    old_defaults = dict(activation="elu", **({"num_transforms": 2} if cls is AutoIAFFlow else {}))
-    saved = perturb(cls(model_ab, **old_defaults).setup()).state_dict()
-    new = cls(model_ab).setup()
-    wanted = ["num_transforms=2"] if cls is AutoIAFFlow else []
-    if DEFAULT_ACTIVATION != "elu":
-        wanted.append("activation='elu'")
-    if not wanted:  # none of this guide's defaults changed: it loads as it is
-        new.load_state_dict(saved)
-        return
-    before = _snapshot(new)
-    with pytest.raises(RuntimeError, match=r"pyro_nf 0\.2's defaults") as info:
-        new.load_state_dict(saved)
-    assert _unchanged(new, before)
-    assert f"build the guide or flow with {', '.join(wanted)} to load it" in str(info.value)
-    rebuilt = cls(model_ab, **old_defaults).setup()
-    rebuilt.load_state_dict(saved)
-    assert all(torch.equal(v, saved[k]) for k, v in rebuilt.state_dict().items())
-    assert all(type(layer.made.activation) is torch.nn.ELU for layer in rebuilt.flow.layers)
 
 
 @parametrize_guides

@@ -714,15 +714,6 @@ def test_made_activation_default_is_set_in_one_place():
                    for layer in flow.layers)  # fmt: skip
 
 
-def test_autoiafflow_default_has_four_layers_in_alternating_order():
-    """Issue #23: two layers fit the sd-4 banana poorly (benchmarks/results/toy_densities_*.md);
-    the default stack is four layers, the variable order reversed on every other one."""
-    guide = AutoIAFFlow(regression_model).setup(*regression_data())
-    orders = [layer.order.tolist() for layer in guide.flow.layers]
-    assert len(orders) == 4
-    assert orders[0] == orders[2] == orders[1][::-1] == orders[3][::-1]
-
-
 # ---------------------------------------------------------------------------------------------
 # 9. pyro.render_model
 # ---------------------------------------------------------------------------------------------

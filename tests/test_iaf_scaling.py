@@ -46,11 +46,10 @@ def test_default_made_width_is_capped_at_128():
 
 
 def test_autoiafflow_parameters_grow_linearly_with_D():
-    """About 4 layers x 3 x 128 x D parameters, not 4 x 6 x D^2 (24 million at D = 1000)."""
+    """About 2 layers x 3 x 128 x D parameters, not 2 x 6 x D^2 (12 million at D = 1000)."""
     guide = pyro_nf.AutoIAFFlow(_normals(1000)).setup()
-    assert len(guide.flow.layers) == 4
     count = sum(p.numel() for p in guide.parameters())
-    assert count < 4 * (3 * 128 + 3) * 1000 + 2000
+    assert count < 2 * (3 * 128 + 3) * 1000 + 2000
 
 
 @pytest.mark.parametrize("guide_class", [pyro_nf.AutoIAFFlow, pyro_nf.AutoSplineFlow])
