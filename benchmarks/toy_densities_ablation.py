@@ -1,7 +1,7 @@
 """What limits AutoIAFFlow on the sd-4 banana: one setting changed at a time, from the defaults.
 
 The target is ``toy_densities.py``'s banana, p(x1, x2) = N(x1 | x2^2/4, 1) N(x2 | 0, 4^2). Every row
-fits ``pyro_nf.AutoIAFFlow`` with its default arguments before issue #23 (``OLD_DEFAULTS``:
+fits ``pyro_nf.AutoIAFFlow`` with pyro_nf 0.2's default arguments (``OLD_DEFAULTS``:
 ``num_transforms=2``, ``activation="elu"``, ``init_scale=0.1``, ``hidden_dims=(16,)``, log-scale
 bounds (-5, 3)) except the ones named, at the budget of
 the issue (3000 Adam steps, 16 vectorized particles, lr 0.005; the learning-rate schedule of
@@ -38,8 +38,8 @@ sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import toy_densities as toy  # noqa: E402
 
-#: AutoIAFFlow's default arguments before issue #23 (2 layers, ELU MADEs): every row starts from
-#: these, so the table does not move when the library's defaults do
+#: AutoIAFFlow's default arguments in pyro_nf 0.2 (2 layers, ELU MADEs): every row starts from
+#: these, so the table does not move if the library's defaults do
 OLD_DEFAULTS = {"num_transforms": 2, "activation": "elu"}
 #: row name -> (AutoIAFFlow keyword arguments over OLD_DEFAULTS, overrides of the optimisation
 #: settings)
@@ -73,8 +73,8 @@ ROWS = {
 HEADER = """# What limits AutoIAFFlow on the sd-4 banana: one setting at a time
 
 Written by `benchmarks/toy_densities_ablation.py` (see its docstring), one table per command
-below, appended in the order they ran. Each row is `pyro_nf.AutoIAFFlow` with the defaults it had
-before issue #23 (`num_transforms=2`, `activation="elu"`, `init_scale=0.1`, `hidden_dims=(16,)`,
+below, appended in the order they ran. Each row is `pyro_nf.AutoIAFFlow` with pyro_nf 0.2's
+defaults (`num_transforms=2`, `activation="elu"`, `init_scale=0.1`, `hidden_dims=(16,)`,
 log-scale bounds (-5, 3)) except the settings its name gives; "library defaults" is
 `AutoIAFFlow(model)` with this checkout's defaults. 3000 Adam steps from lr 0.005 with
 `toy_densities.py`'s cosine decay to 2% of it, 16 vectorized particles; KL(q||p) from 20000
