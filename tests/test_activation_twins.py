@@ -55,3 +55,25 @@ def test_vae_rows_reads_the_per_seed_table(tmp_path):
         "| IAF K=4 | 22.80 | 23.10 | **22.95 ± 0.15** | 500, 420 |\n"
     )
     assert twins.vae_rows(str(md)) == {"IAF K=4": [22.80, 23.10]}
+
+
+def test_vae_seeds_activation_swaps_only_the_made_nonlinearity():
+    """vae_seeds.py --activation: the twin has GELU MADEs and the same initial weights."""
+    import torch
+    import vae
+    import vae_seeds
+
+    from pyro_nf.transforms.autoregressive import ACTIVATIONS, DEFAULT_ACTIVATION, MADE
+
+    make = vae_seeds.with_activation(vae.make_posterior, "gelu")
+    torch.manual_seed(0)
+    gelu = make("iaf4")
+    torch.manual_seed(0)
+    elu = vae.make_posterior("iaf4")
+    mades = [m for m in gelu.modules() if isinstance(m, MADE)]
+    assert len(mades) == 4 and all(isinstance(m.activation, torch.nn.GELU) for m in mades)
+    default = ACTIVATIONS[DEFAULT_ACTIVATION]
+    assert all(type(m.activation) is default for m in elu.modules() if isinstance(m, MADE))
+    for (name, a), (_, b) in zip(gelu.state_dict().items(), elu.state_dict().items()):
+        if not name.endswith("_extra_state"):  # the record names the activation
+            assert torch.equal(a, b), name
