@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
         base = [r for r in load([a.baseline]) if r["guide"] == "AutoIAFFlow" and r["seed"] in seeds]
         merged = records + [{**r, "guide": "AutoIAFFlow (committed run)"} for r in base]
         for twin in ("AutoIAFFlow[elu]", "AutoIAFFlow[gelu]"):
-            title = f"{twin} (this checkout's defaults) against the committed AutoIAFFlow run"
+            title = f"{twin} against the committed AutoIAFFlow run (its configuration in posteriordb.md)"
             lines, wins = table(merged, "AutoIAFFlow (committed run)", twin, title)
             L += lines
             verdicts += [f"- {twin} against the committed AutoIAFFlow, {w}" for w in wins]
