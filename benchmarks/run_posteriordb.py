@@ -77,6 +77,8 @@ ALL_GUIDES = PYRO_GUIDES + PYRO_NF_GUIDES
 #: benchmarks/activation_twins.py)
 ACTIVATION_TWINS = [f"{g}[{a}]" for g in ("AutoIAFFlow", "AutoSplineFlow") for a in ("elu", "gelu")]
 KNOWN_GUIDES = ALL_GUIDES + ACTIVATION_TWINS
+#: every pyro_nf configuration (the report's "pyro_nf" columns, hatching and bests)
+PYRO_NF_ALL = PYRO_NF_GUIDES + ACTIVATION_TWINS
 
 
 @dataclass(frozen=True)
@@ -103,7 +105,7 @@ class Settings:
 
 
 def guide_label(guide: str) -> str:
-    return f"pyro_nf.{guide}" if guide in PYRO_NF_GUIDES + ACTIVATION_TWINS else guide
+    return f"pyro_nf.{guide}" if guide in PYRO_NF_ALL else guide
 
 
 def guide_config(guide: str, s: Settings) -> str:
@@ -448,7 +450,7 @@ def summarize(records: list[dict], posteriors: list[str], guides: list[str]) -> 
             (m1, s1), (m2, s2) = rows[first]["w1"], rows[second]["w1"]
             noise = math.sqrt(np.nan_to_num(s1) ** 2 + np.nan_to_num(s2) ** 2)
             tie = math.isfinite(m2) and (m2 - m1) <= noise
-        nf = [g for g in order if g in PYRO_NF_GUIDES]
+        nf = [g for g in order if g in PYRO_NF_ALL]
         best[p] = {
             "best": first,
             "runner_up": second,
@@ -466,7 +468,7 @@ def must_show(summary: dict, posteriors: list[str]) -> list[str]:
     lines = []
     if not done:
         return ["no posterior finished"]
-    nf_wins = [p for p in done if best[p]["best"] in PYRO_NF_GUIDES]
+    nf_wins = [p for p in done if best[p]["best"] in PYRO_NF_ALL]
     close = [p for p in done if table[p][best[p]["best"]]["w1"][0] <= 1.0]
     lines.append(
         f"- A pyro_nf guide has the lowest mean standardized W1 on **{len(nf_wins)} of "
@@ -514,7 +516,7 @@ def must_show(summary: dict, posteriors: list[str]) -> list[str]:
         + "."
     )
     lowest = {
-        p: min((table[p][g]["k_hat"][0], g) for g in PYRO_NF_GUIDES if g in table[p]) for p in done
+        p: min((table[p][g]["k_hat"][0], g) for g in PYRO_NF_ALL if g in table[p]) for p in done
     }
     lines.append(
         "- For comparison, the lowest mean k-hat of any pyro_nf guide: "
@@ -866,7 +868,7 @@ def plot(out: str, name: str, summary: dict, posteriors: list[str], guides: list
     for j, g in enumerate(guides):
         x = np.arange(len(posteriors)) + (j - (len(guides) - 1) / 2) * width
         h = np.clip(np.nan_to_num(k[:, j], nan=0.0, posinf=cap), 0.0, cap)
-        ax.bar(x, h, width, label=guide_label(g), hatch="//" if g in PYRO_NF_GUIDES else None)
+        ax.bar(x, h, width, label=guide_label(g), hatch="//" if g in PYRO_NF_ALL else None)
         for xi, ki in zip(x, k[:, j]):
             if not ki <= cap:
                 ax.text(xi, cap, "fail" if np.isnan(ki) else f"{ki:.0f}", ha="center",
