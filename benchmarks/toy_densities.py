@@ -574,7 +574,8 @@ def markdown(results, runs, targets, guides, quad, a, wall):
 
 def goals(results, targets, guides, banana_sd=4.0):
     """The goals' verdicts: on the sd-4 banana (issue #23) pyro_nf's best KL <= 0.05 and
-    ``AutoIAFFlow`` with its default arguments <= 0.15, both at 16 particles; on the sd-2
+    ``AutoIAFFlow`` with its default arguments <= 0.15 (set at 16 particles: ``--particles 16``,
+    the table's default is 8); on the sd-2
     variant the earlier goals; on U1-U4 pyro_nf's best at most half Pyro's best flow."""
 
     def best(t, fams, k=None, variants=None):
