@@ -72,6 +72,13 @@ PYRO_NF_GUIDES = (
     ]
 )
 ALL_GUIDES = PYRO_GUIDES + PYRO_NF_GUIDES
+#: not in the default run: "[elu]", "[gelu]": the guide's own defaults (num_transforms,
+#: hidden_dims, ...) but the MADEs' activation, the twins behind the activation default (issue #23,
+#: benchmarks/activation_twins.py)
+ACTIVATION_TWINS = [f"{g}[{a}]" for g in ("AutoIAFFlow", "AutoSplineFlow") for a in ("elu", "gelu")]
+KNOWN_GUIDES = ALL_GUIDES + ACTIVATION_TWINS
+#: every pyro_nf configuration (the report's "pyro_nf" columns, hatching and bests)
+PYRO_NF_ALL = PYRO_NF_GUIDES + ACTIVATION_TWINS
 
 
 @dataclass(frozen=True)
@@ -98,7 +105,7 @@ class Settings:
 
 
 def guide_label(guide: str) -> str:
-    return f"pyro_nf.{guide}" if guide in PYRO_NF_GUIDES else guide
+    return f"pyro_nf.{guide}" if guide in PYRO_NF_ALL else guide
 
 
 def guide_config(guide: str, s: Settings) -> str:
@@ -129,6 +136,9 @@ def _options(guide: str) -> tuple[str, list[str]]:
 
 def _options_config(guide: str, s: Settings) -> str:
     base, opts = _options(guide)
+    for act in ("elu", "gelu"):
+        if act in opts:  # the twins: the guide's own defaults but the activation
+            return f'defaults of {base}, init_scale={s.init_scale}, activation="{act}"'
     text = guide_config(base, s)
     if "laplace" in opts:
         text += ', precondition="laplace" (falls back to the plain start where no mode is found)'
@@ -189,6 +199,10 @@ def _make_guide(guide: str, model: Callable, hidden: int, s: Settings, init: Cal
         extra["precondition"] = "laplace"
     if "noncentered" in opts:
         extra["noncentered"] = True
+    for act in ("elu", "gelu"):
+        if act in opts:  # the twins: the guide's own defaults but the activation
+            cls = {"AutoIAFFlow": pyro_nf.AutoIAFFlow, "AutoSplineFlow": pyro_nf.AutoSplineFlow}
+            return cls[guide](model, init_loc_fn=init, init_scale=s.init_scale, activation=act)
     if guide == "AutoNormal":
         return AutoNormal(model, init_loc_fn=init, init_scale=s.init_scale)
     if guide == "AutoMultivariateNormal":
@@ -436,7 +450,7 @@ def summarize(records: list[dict], posteriors: list[str], guides: list[str]) -> 
             (m1, s1), (m2, s2) = rows[first]["w1"], rows[second]["w1"]
             noise = math.sqrt(np.nan_to_num(s1) ** 2 + np.nan_to_num(s2) ** 2)
             tie = math.isfinite(m2) and (m2 - m1) <= noise
-        nf = [g for g in order if g in PYRO_NF_GUIDES]
+        nf = [g for g in order if g in PYRO_NF_ALL]
         best[p] = {
             "best": first,
             "runner_up": second,
@@ -454,7 +468,7 @@ def must_show(summary: dict, posteriors: list[str]) -> list[str]:
     lines = []
     if not done:
         return ["no posterior finished"]
-    nf_wins = [p for p in done if best[p]["best"] in PYRO_NF_GUIDES]
+    nf_wins = [p for p in done if best[p]["best"] in PYRO_NF_ALL]
     close = [p for p in done if table[p][best[p]["best"]]["w1"][0] <= 1.0]
     lines.append(
         f"- A pyro_nf guide has the lowest mean standardized W1 on **{len(nf_wins)} of "
@@ -502,7 +516,7 @@ def must_show(summary: dict, posteriors: list[str]) -> list[str]:
         + "."
     )
     lowest = {
-        p: min((table[p][g]["k_hat"][0], g) for g in PYRO_NF_GUIDES if g in table[p]) for p in done
+        p: min((table[p][g]["k_hat"][0], g) for g in PYRO_NF_ALL if g in table[p]) for p in done
     }
     lines.append(
         "- For comparison, the lowest mean k-hat of any pyro_nf guide: "
@@ -854,7 +868,7 @@ def plot(out: str, name: str, summary: dict, posteriors: list[str], guides: list
     for j, g in enumerate(guides):
         x = np.arange(len(posteriors)) + (j - (len(guides) - 1) / 2) * width
         h = np.clip(np.nan_to_num(k[:, j], nan=0.0, posinf=cap), 0.0, cap)
-        ax.bar(x, h, width, label=guide_label(g), hatch="//" if g in PYRO_NF_GUIDES else None)
+        ax.bar(x, h, width, label=guide_label(g), hatch="//" if g in PYRO_NF_ALL else None)
         for xi, ki in zip(x, k[:, j]):
             if not ki <= cap:
                 ax.text(xi, cap, "fail" if np.isnan(ki) else f"{ki:.0f}", ha="center",
@@ -934,7 +948,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     seeds = args.seeds or ([0] if q else [0, 1, 2])
     posteriors = args.posteriors or (QUICK_POSTERIORS if q else FULL_POSTERIORS)
     unknown = [p for p in posteriors if p not in POSTERIORS] + [
-        g for g in args.guides if g not in ALL_GUIDES
+        g for g in args.guides if g not in KNOWN_GUIDES
     ]
     if unknown:
         raise SystemExit(f"unknown posterior or guide name(s): {unknown}")

@@ -116,6 +116,31 @@ def test_every_guide_sets_up(db, name):
         assert all(torch.isfinite(v).all() for v in draw.values()), guide
 
 
+def test_activation_twins_are_the_guides_defaults_but_the_activation(db):
+    """The twin configurations (issue #23): each builds the guide with its own defaults and only
+    the MADEs' activation set; they are accepted by --guides but not in the default run."""
+    import run_posteriordb
+
+    import pyro_nf
+
+    spec, data, _ = load_posterior(db, "sblrc-blr")
+    dim = run_posteriordb.latent_dim(spec.model, data)
+    assert not set(run_posteriordb.ACTIVATION_TWINS) & set(run_posteriordb.ALL_GUIDES)
+    for guide in run_posteriordb.ACTIVATION_TWINS:
+        base, (act,) = run_posteriordb._options(guide)
+        g = run_posteriordb.make_guide(guide, spec.model, dim, run_posteriordb.Settings())
+        g(data)
+        default = getattr(pyro_nf, base)(spec.model)
+        default(data)
+        assert len(g.flow.layers) == len(default.flow.layers)
+        assert all(type(layer.made.activation) is {"elu": torch.nn.ELU, "gelu": torch.nn.GELU}[act]
+                   for layer in g.flow.layers)  # fmt: skip
+        assert f'activation="{act}"' in run_posteriordb.guide_config(
+            guide, run_posteriordb.Settings()
+        )
+        assert run_posteriordb.guide_label(guide) == f"pyro_nf.{guide}"
+
+
 def test_reference_draws_agree_with_models(db):
     """Spot check of the maths: the log joint is higher at the reference mean than far from it."""
     spec, data, ref = load_posterior(db, "sblrc-blr")

@@ -24,7 +24,8 @@ from pyro.infer.importance import vectorized_importance_weights
 from pyro.optim import Adam, ClippedAdam
 from torch.distributions import biject_to
 
-from pyro_nf import AutoIAFFlow, AutoPlanarFlow, AutoRadialFlow, AutoSplineFlow
+from pyro_nf import AutoIAFFlow, AutoPlanarFlow, AutoRadialFlow, AutoSplineFlow, Flow
+from pyro_nf.transforms.autoregressive import ACTIVATIONS, DEFAULT_ACTIVATION
 
 GUIDES = [AutoPlanarFlow, AutoRadialFlow, AutoIAFFlow, AutoSplineFlow]
 # Small flows keep the tests fast; the slow test at the bottom uses the constructors' defaults.
@@ -685,15 +686,32 @@ def test_activation_reaches_every_made(cls, activation):
     want = torch.nn.GELU if activation == "gelu" else activation
     mades = [layer.made for layer in guide.flow.layers]
     assert len(mades) == 2 and all(type(m.activation) is want for m in mades)
-    # the default stays ELU, and the untrained guide is the same distribution either way
+    # the default is DEFAULT_ACTIVATION's, and the untrained guide is the same distribution
     default = cls(regression_model, num_transforms=2, hidden_dims=(8, 8))
     pyro.set_rng_seed(1)
     default(x, y)
-    assert all(type(layer.made.activation) is torch.nn.ELU for layer in default.flow.layers)
+    want = ACTIVATIONS[DEFAULT_ACTIVATION]
+    assert all(type(layer.made.activation) is want for layer in default.flow.layers)
     z = torch.randn(5, guide.latent_dim)
     assert torch.allclose(
         guide.get_posterior().log_prob(z), default.get_posterior().log_prob(z), atol=1e-6
     )
+
+
+def test_made_activation_default_is_set_in_one_place():
+    """Every constructor that builds MADEs takes its activation default from DEFAULT_ACTIVATION."""
+    import inspect
+
+    from pyro_nf.transforms import MADE, AffineAutoregressive, SplineAutoregressive
+    from pyro_nf.transforms.autoregressive import MaskedAutoregressive
+
+    for fn in (MADE, MaskedAutoregressive, AffineAutoregressive, SplineAutoregressive,
+               AutoIAFFlow, AutoSplineFlow):  # fmt: skip
+        assert inspect.signature(fn).parameters["activation"].default is DEFAULT_ACTIVATION, fn
+    for transform in ("iaf", "spline"):
+        flow = Flow(3, transform, 2)
+        assert all(type(layer.made.activation) is ACTIVATIONS[DEFAULT_ACTIVATION]
+                   for layer in flow.layers)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------

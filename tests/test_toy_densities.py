@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import sys
@@ -23,11 +24,22 @@ def one_thread():
     torch.set_num_threads(old)
 
 
-def test_banana_quadrature_recovers_its_known_normaliser():
-    energy, box, _ = toy.target("banana")
+@pytest.mark.parametrize("sd", [4.0, 2.0])
+def test_banana_quadrature_recovers_its_known_normaliser(sd):
+    energy, box, _ = toy.target("banana", sd)
     log_z, outer = toy.log_normaliser(energy, box, 300)
     assert abs(log_z) < 1e-3  # the banana's energy is its exact negative log density
     assert outer < 1e-6
+
+
+def test_the_default_banana_is_the_seeds_sd_4_one():
+    """N(x1 | x2^2/4, 1) N(x2 | 0, 4) with sd 4 (issue #23); sd 2 is the labelled variant."""
+    energy, box, _ = toy.target("banana")
+    z = torch.tensor([[4.0, 4.0], [0.0, 8.0]], dtype=torch.float64)
+    normal = torch.distributions.Normal
+    log_p = normal(z[:, 1] ** 2 / 4, 1.0).log_prob(z[:, 0]) + normal(0.0, 4.0).log_prob(z[:, 1])
+    torch.testing.assert_close(-energy(z), log_p)
+    assert box == (-8, 152, -24, 24)
 
 
 def _task(family, k, seed=0, steps=20, variant="", schedule="cosine"):
@@ -109,6 +121,48 @@ def test_goals_take_pyros_best_flow_over_both_schedules():
     assert "best Pyro flow 0.300" in line and line.endswith("FAIL")  # 0.2 > 0.5 x 0.3
     results[("U2", "spline", 1, "")] = r(0.1)
     assert toy.goals(results, ["U2"], guides)[0].endswith("PASS")
+
+
+def test_banana_goals_are_the_issues_for_sd_4_and_the_earlier_ones_for_sd_2():
+    def r(kl):
+        return {"kl": kl}
+
+    guides = [("planar", 16, ""), ("iaf", 4, ""), ("iaf", 0, "default arguments")]
+    results = {
+        ("banana", "planar", 16, ""): r(0.10),
+        ("banana", "iaf", 4, ""): r(0.04),
+        ("banana", "iaf", 0, "default arguments"): r(0.20),
+    }
+    best, default = toy.goals(results, ["banana"], guides)
+    assert best == "banana: best pyro_nf KL 0.040 <= 0.05: PASS"
+    assert default == "banana: AutoIAFFlow with default arguments KL 0.200 <= 0.15: FAIL"
+    results[("banana", "iaf", 0, "default arguments")] = r(0.12)
+    assert toy.goals(results, ["banana"], guides)[1].endswith("0.120 <= 0.15: PASS")
+    iaf, planar = toy.goals(results, ["banana"], guides, banana_sd=2.0)
+    assert iaf.startswith("banana: best AutoIAFFlow KL 0.040 <= 0.03") and iaf.endswith("FAIL")
+    assert planar.endswith("KL 0.100 <= 0.15: PASS")
+
+
+def test_default_arguments_row_is_the_guide_a_user_gets():
+    """The row builds AutoIAFFlow(model) / AutoSplineFlow(model): every library default, not the
+    table's init_scale 1 and (64,) MADE, whatever the command line says."""
+    import pyro_nf
+
+    model = toy.make_model(functools.partial(toy.u_banana, sd=4.0))
+    init_model = toy.InitMessenger(toy.init_to_value(values={"x": torch.zeros(2)}))(model)
+    for family in ("iaf", "spline"):
+        guide = toy.make_guide(family, 0, init_model, 1.0, [64], defaults=True)
+        cls = getattr(pyro_nf, toy.NAMES[family])
+        default = cls(init_model)
+        guide(), default()
+        assert len(guide.flow.layers) == len(default.flow.layers)
+        assert guide.flow.layers[0].made.hidden[0].out_features == 16  # default for D = 2
+        loc, scale = guide.flow.base_loc_scale()
+        assert torch.allclose(scale, torch.full((2,), 0.1))  # GuideOptions' init_scale
+    assert toy.label("iaf", 0, "default arguments") == "pyro_nf.AutoIAFFlow, default arguments"
+    assert toy.seed_tag("banana", "iaf", 0, "default arguments").endswith("/default arguments")
+    r = toy.fit_one(_task("iaf", 0, steps=5, variant="default arguments"))
+    assert r["kind"] != "failed" and np.isfinite(r["kl"])
 
 
 def test_aggregate_over_seeds():

@@ -28,6 +28,7 @@ from pyro_nf.transforms import (
     SplineAutoregressive,
     rational_quadratic_spline,
 )
+from pyro_nf.transforms.autoregressive import ACTIVATIONS, DEFAULT_ACTIVATION
 
 DIM = 4
 CONTEXT_DIM = 3
@@ -327,7 +328,8 @@ def test_bad_constructor_arguments():
 
 def test_made_activation_by_name_or_class():
     order = torch.arange(3)
-    assert type(MADE(3, (4,), order).activation) is torch.nn.ELU  # the default
+    default = ACTIVATIONS[DEFAULT_ACTIVATION]
+    assert type(MADE(3, (4,), order).activation) is default
     assert type(MADE(3, (4,), order, activation="GELU").activation) is torch.nn.GELU
     assert type(MADE(3, (4,), order, activation=torch.nn.Tanh).activation) is torch.nn.Tanh
     with pytest.raises(ValueError, match="activation must be one of"):

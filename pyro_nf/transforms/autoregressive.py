@@ -28,7 +28,13 @@ from .._checks import integer
 from .base import FlowModule, FlowTransform
 from .elementwise import AffineMap, ElementwiseMap, GatedAffineMap, SoftplusAffineMap  # noqa: F401
 
-__all__ = ["AffineAutoregressive", "AutoregressiveTransform", "MADE", "MaskedAutoregressive"]
+__all__ = [
+    "DEFAULT_ACTIVATION",
+    "AffineAutoregressive",
+    "AutoregressiveTransform",
+    "MADE",
+    "MaskedAutoregressive",
+]
 
 #: a MADE unit with more unmasked inputs than this takes the steps of a unit with this many
 #: (see :class:`MADE`); a MADE whose layers have at most 64 units is unaffected
@@ -42,7 +48,7 @@ def default_hidden_size(dim: int) -> int:
 
     Twice the number of variables and at least 16, but at most 128: a MADE's parameters grow as
     :math:`D \\times` width, so an uncapped ``2 D`` gives an IAF layer :math:`6 D^2` of them (150
-    million at :math:`D = 5000`, 300 million for ``AutoIAFFlow``'s two layers), while with the
+    million at :math:`D = 5000`, 300 million for two ``AutoIAFFlow`` layers), while with the
     cap it has about :math:`3 \\cdot 128\\, D`. Below :math:`D = 64` nothing changed.
 
     Example:
@@ -51,6 +57,10 @@ def default_hidden_size(dim: int) -> int:
     """
     return min(max(2 * dim, 16), MAX_DEFAULT_WIDTH)
 
+
+#: the hidden nonlinearity of every MADE (IAF, spline and their guides) unless one is given: the
+#: one place this default is set
+DEFAULT_ACTIVATION = "elu"
 
 #: the hidden nonlinearities a MADE takes by name
 ACTIVATIONS: dict[str, type[nn.Module]] = {
@@ -159,7 +169,8 @@ class MADE(nn.Module):
         order: a permutation of ``range(dim)``; ``order[k]`` is the variable at position ``k``.
         context_dim: size of an optional context added to the first hidden layer.
         activation: the hidden nonlinearity: a module class such as :class:`torch.nn.GELU`, or
-            one of the names ``"elu"`` (default), ``"gelu"``, ``"silu"``, ``"tanh"``, ``"relu"``.
+            one of the names ``"elu"``, ``"gelu"``, ``"silu"``, ``"tanh"``, ``"relu"``; default
+            :data:`DEFAULT_ACTIVATION`.
         num_params: number of outputs per variable (the elementwise map's ``num_params``: 2
             for the affine layer, ``3 * num_bins - 1`` for the spline layer).
         fan_in_ref: the number of inputs above which a unit's steps are scaled down (see
@@ -186,7 +197,7 @@ class MADE(nn.Module):
         hidden_dims: Sequence[int],
         order: Tensor,
         context_dim: int = 0,
-        activation: str | Callable[[], nn.Module] = nn.ELU,
+        activation: str | Callable[[], nn.Module] = DEFAULT_ACTIVATION,
         num_params: int = 2,
         fan_in_ref: int | None = FAN_IN_REF,
     ) -> None:
@@ -384,7 +395,7 @@ class MaskedAutoregressive(FlowModule):
         elementwise: ElementwiseMap | type[ElementwiseMap],
         hidden_dims: Sequence[int] | None = None,
         order: Sequence[int] | Tensor | None = None,
-        activation: str | Callable[[], nn.Module] = nn.ELU,
+        activation: str | Callable[[], nn.Module] = DEFAULT_ACTIVATION,
         fan_in_ref: int | None = FAN_IN_REF,
         **options,
     ) -> None:
@@ -463,7 +474,7 @@ class AffineAutoregressive(MaskedAutoregressive):
         order: Sequence[int] | Tensor | None = None,
         log_scale_min: float = -5.0,
         log_scale_max: float = 3.0,
-        activation: str | Callable[[], nn.Module] = nn.ELU,
+        activation: str | Callable[[], nn.Module] = DEFAULT_ACTIVATION,
         gate_bias: float | None = None,
         fan_in_ref: int | None = FAN_IN_REF,
     ) -> None:

@@ -24,7 +24,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import integer, number
-from .autoregressive import FAN_IN_REF, AutoregressiveTransform, MaskedAutoregressive
+from .autoregressive import (
+    DEFAULT_ACTIVATION,
+    FAN_IN_REF,
+    AutoregressiveTransform,
+    MaskedAutoregressive,
+)
 from .elementwise import ElementwiseMap
 
 __all__ = [
@@ -296,7 +301,7 @@ class SplineAutoregressive(MaskedAutoregressive):
         order: Sequence[int] | Tensor | None = None,
         num_bins: int = 8,
         bound: float = 5.0,
-        activation: str | Callable[[], nn.Module] = nn.ELU,
+        activation: str | Callable[[], nn.Module] = DEFAULT_ACTIVATION,
         min_bin_width: float = 1e-3,
         min_bin_height: float = 1e-3,
         min_derivative: float = 1e-3,
