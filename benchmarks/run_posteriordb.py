@@ -224,7 +224,9 @@ def _make_guide(guide: str, model: Callable, hidden: int, s: Settings, init: Cal
     import pyro_nf
 
     guide, opts = _options(guide)  # "[laplace]", "[laplace-untrained]", "[noncentered]", ...
-    extra = {}
+    # the plain start unless the configuration names the Laplace one (the guides' default,
+    # precondition="auto", is measured by --defaults)
+    extra = {"precondition": None}
     if "laplace" in opts or "laplace-untrained" in opts:
         extra["precondition"] = "laplace"
     if "noncentered" in opts:

@@ -144,7 +144,8 @@ class AutoFlow(
             every flow autoguide (the subclasses take them as keywords), with the defaults of
             ``pyro_nf.guides.GuideOptions``.
         init_scale: initial scale of every unconstrained coordinate, as in ``AutoNormal``;
-            default 0.1.
+            default 0.1. Used by the plain start (``precondition=None``, or where the Laplace
+            start is not used); the Laplace start takes its scales from the Hessian.
         precondition: ``"auto"`` (default), ``"laplace"`` or ``None``. With ``"laplace"``, set-up finds the
             mode of the log density in unconstrained space (L-BFGS from ``init_loc_fn``'s point,
             then Newton steps with the exact Hessian) and puts the flow in the whitened
@@ -282,8 +283,10 @@ class AutoFlow(
 
         Deterministic (the same value at every call, the global random state untouched). For an
         untrained guide with an odd ``num_samples`` (the default) the middle draw of every
-        coordinate is the base's median 0, so the median is ``init_loc_fn``'s point up to the
-        rounding of the identity layers (exactly, when the layers are exactly the identity).
+        coordinate is the base's median 0, so the median is the start's location up to the
+        rounding of the identity layers (exactly, when the layers are exactly the identity):
+        the Laplace approximation's mode where the guide starts there (``precondition``), else
+        ``init_loc_fn``'s point.
         """
         q = self.quantiles([0.5], *args, num_samples=num_samples, **kwargs)
         return {name: value[0] for name, value in q.items()}
