@@ -283,10 +283,11 @@ class AutoFlow(
 
         Deterministic (the same value at every call, the global random state untouched). For an
         untrained guide with an odd ``num_samples`` (the default) the middle draw of every
-        coordinate is the base's median 0, so the median is the start's location up to the
-        rounding of the identity layers (exactly, when the layers are exactly the identity):
-        the Laplace approximation's mode where the guide starts there (``precondition``), else
-        ``init_loc_fn``'s point.
+        coordinate is the base's median 0, so with the plain start (``precondition=None``, or
+        where the Laplace start is not used) the median is ``init_loc_fn``'s point up to the
+        rounding of the identity layers (exactly, when the layers are exactly the identity).
+        With the Laplace start it is the mode up to the error of the stratified draws (the
+        preconditioner mixes the coordinates).
         """
         q = self.quantiles([0.5], *args, num_samples=num_samples, **kwargs)
         return {name: value[0] for name, value in q.items()}

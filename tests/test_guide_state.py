@@ -323,19 +323,20 @@ def test_untrained_median_is_the_initial_location(cls, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 def test_untrained_median_of_the_default_guide_is_the_laplace_mode(cls, dtype):
     """precondition="auto" (the default) starts at the Laplace approximation: the untrained
-    median is its mode, mapped to each site's support."""
+    median is its mode, mapped to each site's support, up to the error of the stratified draws
+    (the preconditioner mixes the coordinates, so the middle draw is not exactly the mode)."""
     y = torch.tensor(3.0, dtype=dtype)
     guide = make(cls, model_ab)
     median = guide.median(y)
     assert guide.laplace_info["used"]
-    mode = guide.flow.precond_loc
-    tol = 1e-10 if dtype == torch.float64 else 1e-5
-    torch.testing.assert_close(median["a"], mode[0], rtol=tol, atol=tol)
-    torch.testing.assert_close(median["b"], mode[1].exp(), rtol=tol, atol=tol)  # LogNormal
+    mode, L = guide.flow.precond_loc, guide.flow.precond_tril
+    sd = (L @ L.T).diagonal().sqrt()
+    unconstrained = torch.stack([median["a"], median["b"].log()])  # b is LogNormal: log scale
+    assert ((unconstrained - mode).abs() / sd).max() < 0.02
     # and the mode is the model's: the log density's gradient vanishes there
     u = mode.detach().clone().requires_grad_(True)
     (g,) = torch.autograd.grad(guide._log_joint_fn((y,), {})(u), u)
-    assert g.abs().max() < (1e-6 if dtype == torch.float64 else 1e-2)
+    assert (g.abs() * sd).max() < (1e-6 if dtype == torch.float64 else 1e-2)
 
 
 def test_quantiles_of_an_untrained_guide_are_close_to_the_gaussian_ones():
