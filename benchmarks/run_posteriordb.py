@@ -79,6 +79,27 @@ ACTIVATION_TWINS = [f"{g}[{a}]" for g in ("AutoIAFFlow", "AutoSplineFlow") for a
 KNOWN_GUIDES = ALL_GUIDES + ACTIVATION_TWINS
 #: every pyro_nf configuration (the report's "pyro_nf" columns, hatching and bests)
 PYRO_NF_ALL = PYRO_NF_GUIDES + ACTIVATION_TWINS
+#: ``--defaults``: every guide called with its default arguments (``AutoNormal(model)``,
+#: ``pyro_nf.AutoPlanarFlow(model)``...). An option in brackets sets one argument there:
+#: "[laplace]" precondition="laplace", "[plain]" precondition=None, "[noncentered]" noncentered=True.
+DEFAULT_GUIDES = [
+    "AutoNormal",
+    "AutoPlanarFlow",
+    "AutoRadialFlow",
+    "AutoIAFFlow",
+    "AutoSplineFlow",
+]
+_DEFAULT_OPTIONS = {"laplace", "plain", "noncentered"}
+
+
+def known_default_guide(guide: str) -> bool:
+    """Whether ``--defaults`` knows how to build ``guide`` (a base name and known options)."""
+    base, opts = _options(guide)
+    return (
+        base in DEFAULT_GUIDES
+        and set(opts) <= _DEFAULT_OPTIONS
+        and not (base == "AutoNormal" and opts)
+    )
 
 
 @dataclass(frozen=True)
@@ -96,16 +117,33 @@ class Settings:
     iaf_transforms: int = 2
     init_scale: float = 0.1
     fast: bool = True  # pyro_nf.fit's fast path (FastELBO) for the flow guides
+    defaults: bool = False  # every guide with its default arguments (sizes and init_scale unused)
 
     def key(self) -> str:
         fields = asdict(self)
         if fields["fast"]:  # the default; left out so that keys of earlier runs stay valid
             del fields["fast"]
+        if not fields["defaults"]:  # likewise
+            del fields["defaults"]
         return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def guide_label(guide: str) -> str:
-    return f"pyro_nf.{guide}" if guide in PYRO_NF_ALL else guide
+    if guide in PYRO_NF_ALL or (guide not in PYRO_GUIDES and known_default_guide(guide)):
+        return f"pyro_nf.{guide}"
+    return guide
+
+
+def default_guide_config(guide: str) -> str:
+    """One line saying how ``--defaults`` builds the guide."""
+    base, opts = _options(guide)
+    if base == "AutoNormal":
+        return "`AutoNormal(model)`: init_to_feasible, init_scale=0.1"
+    args = ["model"]
+    args += ['precondition="laplace"'] if "laplace" in opts else []
+    args += ["precondition=None"] if "plain" in opts else []
+    args += ["noncentered=True"] if "noncentered" in opts else []
+    return f"`pyro_nf.{base}({', '.join(args)})`"
 
 
 def guide_config(guide: str, s: Settings) -> str:
@@ -172,6 +210,8 @@ def make_guide(guide: str, model: Callable, dim: int, s: Settings):
 
     from pyro_nf.guides import init_to_median_or_feasible as init
 
+    if s.defaults:
+        return _make_default_guide(guide, model)
     hidden = max(2 * dim, 16)
     if guide in ("AutoNormalizingFlow", "AutoIAFNormal"):
         # Pyro's flow guides take no init_loc_fn (their base is N(0, I)), but they run the model
@@ -194,7 +234,9 @@ def _make_guide(guide: str, model: Callable, hidden: int, s: Settings, init: Cal
     import pyro_nf
 
     guide, opts = _options(guide)  # "[laplace]", "[laplace-untrained]", "[noncentered]", ...
-    extra = {}
+    # the plain start unless the configuration names the Laplace one (the guides' default,
+    # precondition="auto", is measured by --defaults)
+    extra = {"precondition": None}
     if "laplace" in opts or "laplace-untrained" in opts:
         extra["precondition"] = "laplace"
     if "noncentered" in opts:
@@ -231,6 +273,25 @@ def _make_guide(guide: str, model: Callable, hidden: int, s: Settings, init: Cal
             **extra,
         )
     raise ValueError(f"unknown guide {guide!r}; known: {', '.join(ALL_GUIDES)}")
+
+
+def _make_default_guide(guide: str, model: Callable):
+    """``--defaults``: the guide called as a user would, with its default arguments."""
+    from pyro.infer.autoguide import AutoNormal
+
+    import pyro_nf
+
+    base, opts = _options(guide)
+    if base == "AutoNormal":
+        return AutoNormal(model)
+    kwargs = {}
+    if "laplace" in opts:
+        kwargs["precondition"] = "laplace"
+    if "plain" in opts:
+        kwargs["precondition"] = None
+    if "noncentered" in opts:
+        kwargs["noncentered"] = True
+    return getattr(pyro_nf, base)(model, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -812,6 +873,166 @@ def write_report(
     return summary
 
 
+def verdict(flow: tuple[float, float], normal: tuple[float, float], floor: float) -> str:
+    """A flow guide's mean W1 against AutoNormal's: "better", "tie" or "worse".
+
+    Two means count as tied when they differ by at most ``max(2 * combined s.e., floor)``: twice
+    the standard error of the difference over seeds, and never less than the reference noise
+    floor (the W1 that sampling noise alone gives, below which W1s do not rank fits).
+    """
+    (m1, s1), (m2, s2) = flow, normal
+    if math.isnan(m1) or math.isnan(m2):
+        return "n/a"
+    if math.isinf(m1) or math.isinf(m2):
+        return "tie" if m1 == m2 else ("better" if m1 < m2 else "worse")
+    band = max(2 * math.sqrt(np.nan_to_num(s1) ** 2 + np.nan_to_num(s2) ** 2), floor)
+    return "better" if m1 < m2 - band else "worse" if m1 > m2 + band else "tie"
+
+
+def write_defaults_report(
+    out: str,
+    name: str,
+    records: list[dict],
+    posteriors: list[str],
+    guides: list[str],
+    seeds: list[int],
+    s: Settings,
+    runs: list[dict],
+    noise: dict[str, float],
+    not_run: list[str],
+    incomplete: dict[str, str],
+) -> dict:
+    """The ``--defaults`` report: every guide's default call against ``AutoNormal(model)``."""
+    summary = summarize(records, posteriors, guides)
+    table = summary["table"]
+    flows = [g for g in guides if g != "AutoNormal"]
+    L = [f"# posteriordb: the default call of every flow guide against AutoNormal ({name})", ""]
+    L += [
+        "Generated by `benchmarks/run_posteriordb.py --defaults` (see `benchmarks/README.md`). "
+        "Every number below comes from the run described here.",
+        "",
+        "## Run",
+        "",
+        *[
+            f"- command: `{r['command']}` ({r['fits']} fits, {r['wall_seconds'] / 60:.1f} min; "
+            f"{r['machine'].split('; ')[0]})"
+            for r in runs
+        ],
+        f"- machine: {runs[0]['machine'].split('; ', 1)[-1]}",
+        f"- budget, identical for every guide (issue 23): {s.steps} steps of Adam, lr {s.lr}, "
+        + ("no schedule" if s.lr_schedule == "none" else f"{s.lr_schedule} schedule")
+        + f", Trace_ELBO's estimator with {s.particles} vectorized particles, seeds "
+        f"{', '.join(map(str, seeds))}; fitted with `pyro_nf.fit(model, guide, data, "
+        f"num_steps={s.steps}, lr={s.lr}, num_particles={s.particles})` as a user calls it: "
+        + (
+            "the flow guides go through fit's fast path (FastELBO, the same estimator), "
+            "AutoNormal through Trace_ELBO"
+            if s.fast
+            else "fast path off, every guide through Trace_ELBO"
+        ),
+        f"- scoring: ELBO and PSIS k-hat from `pyro_nf.diagnose` with {s.elbo_samples} draws; "
+        f"W1 from {s.samples} guide draws against the pooled NUTS reference draws: the "
+        "1-Wasserstein distance of each marginal divided by the reference sd, averaged over the "
+        "reference parameters; mean ± standard error over seeds",
+        "- verdict of a flow guide against AutoNormal: **tie** when the mean W1s differ by at "
+        "most max(2 × the combined standard error over seeds, the reference noise floor), else "
+        "**better** or **worse**; 'no worse' = better or tie",
+        "",
+        "| guide | call |",
+        "|---|---|",
+        *[f"| {guide_label(g)} | {default_guide_config(g)} |" for g in guides],
+        "",
+    ]
+    if incomplete:
+        L += [f"Incomplete: {', '.join(f'{_short(p)} ({v})' for p, v in incomplete.items())}.", ""]
+    if not_run:
+        L += [f"Not run: {', '.join(_short(p) for p in not_run)}.", ""]
+    verdicts = {
+        (p, g): verdict(table[p][g]["w1"], table[p]["AutoNormal"]["w1"], noise[p])
+        for p in posteriors
+        for g in flows
+        if "AutoNormal" in table[p] and table[p]["AutoNormal"]["runs"] and table[p][g]["runs"]
+    }
+    worse = [f"{guide_label(g)} on {_short(p)}" for (p, g), v in verdicts.items() if v == "worse"]
+    L += [
+        "## Verdict",
+        "",
+        f"- Default flow guide x posterior pairs no worse than AutoNormal (mean W1): "
+        f"**{sum(v != 'worse' for v in verdicts.values())} of {len(verdicts)}** "
+        f"({sum(v == 'better' for v in verdicts.values())} better, "
+        f"{sum(v == 'tie' for v in verdicts.values())} tied"
+        + (f"; worse: {', '.join(worse)}" if worse else "")
+        + ").",
+    ]
+    for g in flows:
+        vs = [verdicts[(p, g)] for p in posteriors if (p, g) in verdicts]
+        L.append(
+            f"- {guide_label(g)}: better on {vs.count('better')}, tied on {vs.count('tie')}, "
+            f"worse on {vs.count('worse')} of {len(vs)} posteriors."
+        )
+    L += [
+        "",
+        "## Standardized W1 (mean ± s.e. over seeds; verdict against AutoNormal)",
+        "",
+        "| posterior | noise floor | " + " | ".join(guide_label(g) for g in guides) + " |",
+        "|---|---|" + "---|" * len(guides),
+    ]
+    for p in posteriors:
+        cells = []
+        for g in guides:
+            cell = _fmt(*table[p][g]["w1"])
+            if (p, g) in verdicts:
+                cell += f" ({verdicts[(p, g)]})"
+            cells.append(cell)
+        L.append(f"| {_short(p)} | {noise[p]:.3f} | " + " | ".join(cells) + " |")
+    for title, key, digits in (
+        ("ELBO (mean ± s.e. over seeds; higher is better)", "elbo", 2),
+        ("PSIS k-hat", "k_hat", 2),
+        ("Fit time, s (the steps; the machine is shared, so timings carry other jobs' load)",
+         "fit_seconds", 1),
+        ("Set-up time, s (the guide's first call: for a Laplace start, the mode search and "
+         "Hessian)", "setup_seconds", 2),
+    ):  # fmt: skip
+        L += ["", f"## {title}", "", "| posterior | " + " | ".join(guides) + " |"]
+        L.append("|---|" + "---|" * len(guides))
+        for p in posteriors:
+            L.append(
+                f"| {_short(p)} | "
+                + " | ".join(_fmt(*table[p][g][key], digits=digits) for g in guides)
+                + " |"
+            )
+    laplace_rows = [
+        (p, g, table[p][g]) for p in posteriors for g in flows if table[p][g]["laplace"]
+    ]
+    if laplace_rows:
+        used = sum(r["laplace"][0] for _, _, r in laplace_rows)
+        total = sum(r["laplace"][1] for _, _, r in laplace_rows)
+        fell = [
+            f"{_short(p)} ({g}, {r['laplace'][1] - r['laplace'][0]} of {r['laplace'][1]}: "
+            f"{'; '.join(r['laplace_reasons'])})"
+            for p, g, r in laplace_rows
+            if r["laplace"][0] < r["laplace"][1]
+        ]
+        L += [
+            "",
+            f"**Laplace start**: the mode was found and used in {used} of {total} fits"
+            + (f"; the plain start elsewhere: {'; '.join(fell)}" if fell else "")
+            + ".",
+        ]
+    failed = [
+        f"{_short(p)} {g}: {table[p][g].get('error', '')}"
+        for p in posteriors
+        for g in guides
+        if table[p][g]["failed"]
+    ]
+    if failed:
+        L += ["", "Failed fits: " + "; ".join(failed) + "."]
+    with open(os.path.join(out, f"{name}.md"), "w") as f:
+        f.write("\n".join(L) + "\n")
+    summary["verdicts"] = verdicts
+    return summary
+
+
 def _geomean(x) -> float:
     x = np.asarray(x, dtype=float)
     x = x[~np.isnan(x)]
@@ -899,12 +1120,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--posteriordb", required=True, help="posteriordb's posterior_database folder")
     p.add_argument("--posteriors", type=_csv, default=None,
                    help=f"comma-separated names (default: all {len(FULL_POSTERIORS)}; --quick: 2)")  # fmt: skip
-    p.add_argument("--guides", type=_csv, default=ALL_GUIDES, help="comma-separated guide names")
+    p.add_argument("--guides", type=_csv, default=None,
+                   help="comma-separated guide names (default: all; --defaults: AutoNormal and "
+                   "the four pyro_nf flow guides)")  # fmt: skip
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--lr", type=float, default=Settings.lr)
     p.add_argument(
-        "--lr-schedule", default=Settings.lr_schedule, choices=["cosine", "exponential", "none"]
-    )
+        "--lr-schedule", default=None, choices=["cosine", "exponential", "none"],
+        help=f"default {Settings.lr_schedule} ('none' with --defaults)",
+    )  # fmt: skip
     p.add_argument("--particles", type=int, default=None)
     p.add_argument("--seeds", type=lambda v: [int(x) for x in _csv(v)], default=None)
     p.add_argument("--samples", type=int, default=None, help="guide draws for the marginal metrics")
@@ -924,6 +1148,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--jobs", type=int, default=1, help="fits in parallel (processes, 1 thread each)"
     )
+    p.add_argument(
+        "--defaults", action="store_true",
+        help="the default call: every guide with its default arguments, 3000 steps, lr 0.01 "
+        "without schedule, 4 particles (issue 23); report NAME posteriordb_defaults",
+    )  # fmt: skip
     p.add_argument("--resume", action="store_true",
                    help="keep the successful fits already in NAME.jsonl, run the rest")  # fmt: skip
     p.add_argument("--report-only", action="store_true", help="rewrite the report from NAME.jsonl")
@@ -933,10 +1162,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     q = args.quick
+    if args.defaults:
+        if args.steps is None:
+            args.steps = 3000
+        if args.lr_schedule is None:
+            args.lr_schedule = "none"
     s = Settings(
         steps=args.steps or (100 if q else Settings.steps),
         lr=args.lr,
-        lr_schedule=args.lr_schedule,
+        lr_schedule=args.lr_schedule or Settings.lr_schedule,
         particles=args.particles or (2 if q else Settings.particles),
         samples=args.samples or (1000 if q else Settings.samples),
         elbo_samples=args.elbo_samples or (1000 if q else Settings.elbo_samples),
@@ -944,15 +1178,21 @@ def main(argv: Sequence[str] | None = None) -> dict:
         radial_transforms=args.radial_transforms,
         iaf_transforms=args.iaf_transforms,
         fast=args.fast == "on",
+        defaults=args.defaults,
     )
     seeds = args.seeds or ([0] if q else [0, 1, 2])
     posteriors = args.posteriors or (QUICK_POSTERIORS if q else FULL_POSTERIORS)
+    if args.guides is None:
+        args.guides = DEFAULT_GUIDES if args.defaults else ALL_GUIDES
+    known = known_default_guide if args.defaults else KNOWN_GUIDES.__contains__
     unknown = [p for p in posteriors if p not in POSTERIORS] + [
-        g for g in args.guides if g not in KNOWN_GUIDES
+        g for g in args.guides if not known(g)
     ]
     if unknown:
         raise SystemExit(f"unknown posterior or guide name(s): {unknown}")
-    name = args.name or ("posteriordb_quick" if q else "posteriordb")
+    name = args.name or (
+        ("posteriordb_defaults" if args.defaults else "posteriordb") + ("_quick" if q else "")
+    )
     path = os.path.abspath(args.posteriordb)
     if not os.path.isdir(os.path.join(path, "posteriors")):
         raise SystemExit(f"{path!r} is not a posteriordb 'posterior_database' folder")
@@ -1039,7 +1279,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ]
     incomplete = {p: f"{counts[p]} of {expected} fits" for p in finished if counts[p] < expected}
     noise = {p: reference_noise_floor(_posterior(path, p)[2], s.samples) for p in finished}
-    summary = write_report(
+    report = write_defaults_report if args.defaults else write_report
+    summary = report(
         args.out, name, records, finished, args.guides, seeds, s_run, runs, noise, not_run,
         incomplete,
     )  # fmt: skip

@@ -60,8 +60,8 @@ class GuideSetup:
         if self._options.noncentered:
             loc = self._noncentering_start(loc, args, kwargs)
         flow = self._new_flow(loc)
-        if self._options.precondition == "laplace":
-            self._laplace_start(flow, loc, args, kwargs)
+        if self._options.precondition in ("laplace", "auto"):
+            self._laplace_start(flow, loc, args, kwargs, auto=self._options.precondition == "auto")
         flow.outer_transform = self.noncentering
         self.flow = flow
         # the name a Flow called inside a Pyro handler registers itself under: the guide's own

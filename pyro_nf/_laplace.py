@@ -16,41 +16,94 @@ from ._messages import first_line
 from .flow import Flow
 from .transforms.base import FlowTransform
 
+#: ``precondition="auto"`` tries the Laplace start only up to this many latent dimensions: the
+#: Hessian costs one backward pass per dimension and D^2 memory, and the evidence for the default
+#: (docs/benchmarks.rst, "The default call") covers posteriors of up to 26 dimensions; at D = 1000
+#: (tests/test_iaf_scaling.py's Gaussian) 40 default steps of AutoIAFFlow from the exact Laplace
+#: start raised the loss (2112 to 2284), so large models keep the plain start unless asked.
+AUTO_LAPLACE_MAX_DIM = 200
+
 
 class LaplaceStart:
-    """Mixin of :class:`~pyro_nf.AutoFlow`: the ``precondition="laplace"`` start."""
+    """Mixin of :class:`~pyro_nf.AutoFlow`: the ``precondition="laplace"`` (or ``"auto"``) start."""
 
-    def _laplace_start(self, flow: Flow, loc: Tensor, args: tuple, kwargs: dict) -> None:
-        """Precondition ``flow`` with the Laplace approximation found from ``loc``, or warn why
-        not and leave it as it is; :attr:`laplace_info` records what happened."""
-        self._check_no_subsampling(args, kwargs)
+    def _laplace_start(
+        self, flow: Flow, loc: Tensor, args: tuple, kwargs: dict, auto: bool = False
+    ) -> None:
+        """Precondition ``flow`` with the Laplace approximation found from ``loc``, or leave it
+        as it is (with a warning that says why, unless ``auto``); :attr:`laplace_info` records
+        what happened.
+
+        ``auto`` (``precondition="auto"``): skip models that subsample or have more than
+        :data:`AUTO_LAPLACE_MAX_DIM` latent dimensions, and fall back without a warning where
+        the search fails for any reason (the user did not ask for this start).
+        """
+        if auto:
+            reason = self._auto_laplace_obstacle(args, kwargs)
+            if reason is not None:
+                self.laplace_info = {"used": False, "reason": reason, "log_density": None,
+                                     "newton_decrement": None, "iterations": 0, "seconds": 0.0}  # fmt: skip
+                return
+        else:
+            self._check_no_subsampling(args, kwargs)
         log_joint = self._log_joint_fn(args, kwargs)
         if self.noncentering is not None:  # the mode in the flow's (non-centred) coordinates
             log_joint = pulled_back(log_joint, self.noncentering)
-        mode, tril, info = laplace(log_joint, loc.detach(), self._options.laplace_max_iter)
+        if auto:
+            t0 = time.perf_counter()
+            try:
+                mode, tril, info = laplace(log_joint, loc.detach(), self._options.laplace_max_iter)
+            except Exception as e:  # noqa: BLE001 - any failure means: the plain start
+                mode = tril = None
+                info = {"used": False, "reason": f"the mode search failed ({first_line(e)})",
+                        "log_density": None, "newton_decrement": None, "iterations": 0,
+                        "seconds": time.perf_counter() - t0}  # fmt: skip
+        else:
+            mode, tril, info = laplace(log_joint, loc.detach(), self._options.laplace_max_iter)
         self.laplace_info = info
         if mode is None:
-            warnings.warn(
-                f"{type(self).__name__}(precondition='laplace'): {info['reason']}; starting "
-                "without the preconditioner (init_loc_fn, init_scale)",
-                stacklevel=6,
-            )
+            if not auto:
+                warnings.warn(
+                    f"{type(self).__name__}(precondition='laplace'): {info['reason']}; starting "
+                    "without the preconditioner (init_loc_fn, init_scale)",
+                    stacklevel=6,
+                )
             return
         flow.set_base(0.0, 1.0)  # the layers see the whitened coordinates
         flow.set_preconditioner(mode, tril)
 
-    def _check_no_subsampling(self, args, kwargs) -> None:
+    def _auto_laplace_obstacle(self, args, kwargs) -> str | None:
+        """Why ``precondition="auto"`` does not try the Laplace start here, or ``None``."""
+        if self.latent_dim > AUTO_LAPLACE_MAX_DIM:
+            return (
+                f"not tried: {self.latent_dim} latent dimensions, more than "
+                f"{AUTO_LAPLACE_MAX_DIM} (precondition='laplace' forces it)"
+            )
+        frame = self._subsampled_site(args, kwargs)
+        if frame is not None:
+            return f"not tried: the model subsamples (plate {frame[1].name!r})"
+        return None
+
+    def _subsampled_site(self, args, kwargs) -> tuple[str, object] | None:
+        """The first sample site in a subsampled plate and its frame, or ``None``."""
         for name, site in self._trace_at_prototype(args, kwargs).nodes.items():
             if site["type"] != "sample":
                 continue
             frame = subsampled_frame(site)
             if frame is not None:
-                raise ValueError(
-                    f"precondition='laplace' needs the full log density, but site {name!r} "
-                    f"is in the subsampled plate {frame.name!r} (size {frame.full_size}, "
-                    f"subsample {frame.size}); drop subsample_size, or use precondition=None "
-                    "(for local latents in subsampled plates: pyro_nf.AutoHierarchicalFlow)"
-                )
+                return name, frame
+        return None
+
+    def _check_no_subsampling(self, args, kwargs) -> None:
+        found = self._subsampled_site(args, kwargs)
+        if found is not None:
+            name, frame = found
+            raise ValueError(
+                f"precondition='laplace' needs the full log density, but site {name!r} "
+                f"is in the subsampled plate {frame.name!r} (size {frame.full_size}, "
+                f"subsample {frame.size}); drop subsample_size, or use precondition=None "
+                "(for local latents in subsampled plates: pyro_nf.AutoHierarchicalFlow)"
+            )
 
     def _log_joint_fn(self, args, kwargs) -> Callable[[Tensor], Tensor]:
         """The model's log density in unconstrained space, as a function of the latent vector."""

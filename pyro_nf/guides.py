@@ -4,15 +4,19 @@ The guides follow Pyro's :class:`~pyro.infer.autoguide.AutoContinuous` contract:
 mapped to unconstrained space with :func:`~torch.distributions.biject_to` of its support, all of
 them are concatenated into one vector :math:`z \\in \\mathbb{R}^D`, and :math:`z` gets the posterior
 :math:`q(z) =` :class:`~pyro_nf.Flow` (base :math:`\\mathcal N(0, I)`, ``num_transforms`` layers,
-then a learnable affine layer). The affine layer starts at ``init_loc_fn``'s location with scale
+then a learnable affine layer).
+
+By default (``precondition="auto"``) set-up looks for the mode of the posterior and, where it
+finds one with a usable Hessian, the guide starts at the Laplace approximation and the flow works
+in its whitened coordinates (see :class:`AutoFlow`); elsewhere (no mode, a model that subsamples,
+more than 200 latent dimensions) it starts as with ``precondition=None``. With
+``precondition=None`` the affine layer starts at ``init_loc_fn``'s location with scale
 ``init_scale`` and every flow layer at the identity, so an untrained guide *is* ``AutoNormal`` 's
 starting distribution when both are given the same ``init_loc_fn`` and ``init_scale``. The
 defaults differ in ``init_loc_fn``: :func:`init_to_median_or_feasible` (the prior median, like
 the ``init_to_median`` of Pyro's ``AutoDiagonalNormal``) here, ``init_to_feasible`` for
 ``AutoNormal``; ``init_scale`` is 0.1 in both. (``init_to_median`` draws from the prior, so two
-guides get the same start only from the same random state.) With
-``precondition="laplace"`` the guide instead starts at the Laplace approximation and the flow works
-in its whitened coordinates (see :class:`AutoFlow`).
+guides get the same start only from the same random state.)
 """
 
 from __future__ import annotations
@@ -96,14 +100,16 @@ class GuideOptions:
 
     init_loc_fn: Callable = init_to_median_or_feasible
     init_scale: float = 0.1
-    precondition: str | None = None
+    precondition: str | None = "auto"
     laplace_max_iter: int = 500
     noncentered: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "init_scale", float(_checks.number(self.init_scale, "init_scale")))
-        if self.precondition not in (None, "laplace"):
-            raise ValueError(f"precondition must be None or 'laplace', got {self.precondition!r}")
+        if self.precondition not in (None, "laplace", "auto"):
+            raise ValueError(
+                f"precondition must be None, 'auto' or 'laplace', got {self.precondition!r}"
+            )
         _checks.integer(self.laplace_max_iter, "laplace_max_iter")
         if not isinstance(self.noncentered, bool):
             raise TypeError(f"noncentered must be True or False, got {self.noncentered!r}")
@@ -139,8 +145,9 @@ class AutoFlow(
             every flow autoguide (the subclasses take them as keywords), with the defaults of
             ``pyro_nf.guides.GuideOptions``.
         init_scale: initial scale of every unconstrained coordinate, as in ``AutoNormal``;
-            default 0.1.
-        precondition: ``None`` (default) or ``"laplace"``. With ``"laplace"``, set-up finds the
+            default 0.1. Used by the plain start (``precondition=None``, or where the Laplace
+            start is not used); the Laplace start takes its scales from the Hessian.
+        precondition: ``"auto"`` (default), ``"laplace"`` or ``None``. With ``"laplace"``, set-up finds the
             mode of the log density in unconstrained space (L-BFGS from ``init_loc_fn``'s point,
             then Newton steps with the exact Hessian) and puts the flow in the whitened
             coordinates of the Laplace approximation :math:`\\mathcal N(m, H^{-1})`:
@@ -154,6 +161,17 @@ class AutoFlow(
             :attr:`laplace_info` records what happened. Refused for models that subsample data
             (the log density would change at every evaluation). Costs up to ``laplace_max_iter``
             L-BFGS iterations and :math:`D` Hessian rows, once.
+            ``"auto"`` is the Laplace start where it is usable and cheap: it is not tried for
+            models that subsample or have more than 200 latent dimensions
+            (``pyro_nf._laplace.AUTO_LAPLACE_MAX_DIM``), and where no mode is found (or the
+            search fails for any other reason) the guide starts as with ``None``, without a
+            warning; :attr:`laplace_info` says which. ``None``: the plain start at
+            ``init_loc_fn``'s point with ``init_scale`` (an untrained guide is ``AutoNormal``'s
+            start; the default up to pyro_nf 0.2.0). The default was chosen
+            on posteriordb (``docs/benchmarks.rst``, "The default call"): from the plain start
+            the flows' layers train slowly on badly scaled or correlated posteriors, and at a
+            user's budget of 3000 steps a default flow guide could end worse than
+            ``AutoNormal``.
         laplace_max_iter: L-BFGS iteration limit of ``precondition="laplace"``; default 500.
         noncentered: non-centre the model's hierarchical Normal sites inside the guide (default
             ``False``). A site :math:`x_s \\sim \\mathcal N(\\mu_s, \\sigma_s)` whose
@@ -187,7 +205,8 @@ class AutoFlow(
         #: the non-centring map (``noncentered=True`` with hierarchical sites), else ``None``
         self.noncentering: NonCenteringTransform | None = None
         self._model_args: tuple[tuple, dict] = ((), {})
-        #: what ``precondition="laplace"`` did at set-up (``None`` without it): ``used``,
+        #: what ``precondition="laplace"`` or ``"auto"`` did at set-up (``None`` with
+        #: ``precondition=None``): ``used``,
         #: ``reason`` (why not, if not), ``log_density`` at the mode, ``newton_decrement``,
         #: ``iterations`` and ``seconds``.
         self.laplace_info: dict | None = None
@@ -265,8 +284,11 @@ class AutoFlow(
 
         Deterministic (the same value at every call, the global random state untouched). For an
         untrained guide with an odd ``num_samples`` (the default) the middle draw of every
-        coordinate is the base's median 0, so the median is ``init_loc_fn``'s point up to the
+        coordinate is the base's median 0, so with the plain start (``precondition=None``, or
+        where the Laplace start is not used) the median is ``init_loc_fn``'s point up to the
         rounding of the identity layers (exactly, when the layers are exactly the identity).
+        With the Laplace start it is the mode up to the error of the stratified draws (the
+        preconditioner mixes the coordinates).
         """
         q = self.quantiles([0.5], *args, num_samples=num_samples, **kwargs)
         return {name: value[0] for name, value in q.items()}

@@ -6,6 +6,8 @@ next to the repository (as in CI); the tests skip cleanly without one or without
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import re
 import sys
@@ -197,3 +199,45 @@ def test_smoke_run(tmp_path):
     for check in ("Acceptance checks", "Best guide per posterior", "machine:", "command:"):
         assert check in md
     assert set(summary["best"]) == {"eight_schools-eight_schools_noncentered", "sblrc-blr"}
+
+
+def test_defaults_verdict_bands():
+    """A flow guide ties AutoNormal within max(2 combined s.e., noise floor), else wins or loses."""
+    from run_posteriordb import verdict
+
+    assert verdict((0.10, 0.01), (0.12, 0.01), floor=0.02) == "tie"  # within the noise floor
+    assert verdict((0.10, 0.01), (0.20, 0.01), floor=0.02) == "better"
+    assert verdict((0.30, 0.01), (0.20, 0.01), floor=0.02) == "worse"
+    assert verdict((0.30, 0.06), (0.20, 0.01), floor=0.02) == "tie"  # within 2 combined s.e.
+    assert verdict((0.05, math.nan), (math.inf, math.nan), floor=0.02) == "better"
+
+
+def test_defaults_smoke_run(tmp_path):
+    """--defaults: every guide called with its default arguments, and the verdict report."""
+    import warnings
+
+    import run_posteriordb
+
+    threads = torch.get_num_threads()
+    args = ["--posteriordb", DB_PATH, "--defaults", "--quick", "--steps", "20",
+            "--posteriors", "sblrc-blr", "--samples", "300", "--elbo-samples", "300",
+            "--out", str(tmp_path)]  # fmt: skip
+    try:
+        with warnings.catch_warnings():
+            summary = run_posteriordb.main(args)
+    finally:
+        torch.set_num_threads(threads)
+    md = (tmp_path / "posteriordb_defaults_quick.md").read_text()
+    with open(tmp_path / "posteriordb_defaults_quick.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    assert sorted(r["guide"] for r in records) == sorted(run_posteriordb.DEFAULT_GUIDES)
+    assert all(r["status"] == "ok" for r in records)
+    # the flow guides were built with their defaults: the Laplace start, found on this posterior
+    assert all(r["laplace_used"] for r in records if r["guide"] != "AutoNormal")
+    assert "`pyro_nf.AutoPlanarFlow(model)`" in md and "`AutoNormal(model)`" in md
+    assert "20 steps of Adam, lr 0.01, no schedule" in md
+    flows = len(run_posteriordb.DEFAULT_GUIDES) - 1
+    assert len(summary["verdicts"]) == flows
+    assert "no worse than AutoNormal (mean W1): **" in md
+    row = next(ln for ln in md.splitlines() if ln.startswith("| blr |"))
+    assert len(re.findall(r"\((better|tie|worse)\)", row)) == flows

@@ -206,7 +206,8 @@ def test_trained_guide_scores_its_draws_consistently(conjugate_fit):
 
 
 # ---------------------------------------------------------------------------------------------
-# 2. An untrained guide is exactly AutoNormal's starting distribution.
+# 2. An untrained guide with precondition=None is exactly AutoNormal's starting distribution
+#    (the default, precondition="auto", starts at the Laplace approximation: tests/test_laplace.py).
 # ---------------------------------------------------------------------------------------------
 def constrained_gaussian_model(dtype):
     one = torch.ones((), dtype=dtype)
@@ -223,7 +224,9 @@ def test_untrained_guide_is_autonormal_start(cls, dtype):
     init_scale = 0.2
     init = init_to_median(num_samples=15)
     normal = AutoNormal(constrained_gaussian_model, init_loc_fn=init, init_scale=init_scale)
-    guide = make_guide(cls, constrained_gaussian_model, init_loc_fn=init, init_scale=init_scale)
+    guide = make_guide(
+        cls, constrained_gaussian_model, init_loc_fn=init, init_scale=init_scale, precondition=None
+    )
     # Same seed right before each set-up: both draw the same prior medians.
     pyro.set_rng_seed(3)
     normal(dtype)
@@ -321,7 +324,7 @@ def test_default_init_handles_improper_uniform(cls, support, event_shape):
         v = pyro.sample("v", dist.ImproperUniform(support, (), event_shape))
         pyro.factor("prior", -0.5 * (biject_to(support).inv(v) ** 2).sum())
 
-    guide = make_guide(cls, model)
+    guide = make_guide(cls, model, precondition=None)  # the plain start: init_loc_fn's point
     value = guide()["v"]
     assert value.shape == event_shape
     assert support.check(value).all()

@@ -195,7 +195,7 @@ def test_plain_guide_is_far_from_that_posterior():
     trivially true)."""
     x, y = regression_data()
     _, _, log_evidence = exact_answer(x, y)
-    guide = AutoIAFFlow(regression_model, **SMALL[AutoIAFFlow])
+    guide = AutoIAFFlow(regression_model, **SMALL[AutoIAFFlow], precondition=None)
     d = pyro_nf.diagnose(regression_model, guide, x, y, num_samples=500)
     assert d.elbo < float(log_evidence) - 100 and guide.laplace_info is None
 
@@ -262,7 +262,7 @@ def test_funnel_has_no_mode_and_falls_back_with_a_warning(cls):
     assert not guide.laplace_info["used"] and guide.laplace_info["reason"]
     assert guide.flow.precond_tril is None
     pyro.set_rng_seed(0)
-    plain = cls(funnel, **SMALL[cls])
+    plain = cls(funnel, **SMALL[cls], precondition=None)
     plain.setup()
     assert torch.equal(guide.flow.affine.raw, plain.flow.affine.raw)  # the plain start exactly
 
@@ -293,7 +293,7 @@ def test_subsampled_model_is_refused():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(precondition="newton"), "precondition must be None or 'laplace'"),
+        (dict(precondition="newton"), "precondition must be None, 'auto' or 'laplace'"),
         (dict(precondition="laplace", laplace_max_iter=0), "laplace_max_iter"),
         (dict(laplace_max_iter=2.5), "laplace_max_iter"),
     ],
@@ -316,3 +316,87 @@ def test_preconditioner_follows_the_model_device(device):
     d = pyro_nf.diagnose(regression_model, guide, x, y, num_samples=200)
     assert abs(d.elbo - float(log_evidence)) < 1e-6
     assert guide(x, y)["coef"].device.type == device
+
+
+# ---------------------------------------------------------------------------------------------
+# precondition="auto", the default: the Laplace start where it is usable, else the plain start
+# ---------------------------------------------------------------------------------------------
+@parametrize_guides
+def test_default_is_the_laplace_start_where_a_mode_exists(cls):
+    x, y = regression_data()
+    mean, cov, log_evidence = exact_answer(x, y)
+    guide = cls(regression_model, **SMALL[cls])  # no precondition argument
+    assert guide._options.precondition == "auto"
+    assert setup_quietly(guide, x, y) == []
+    assert guide.laplace_info["used"]
+    assert torch.allclose(guide.flow.precond_loc, mean, rtol=1e-6, atol=1e-8)
+    L = guide.flow.precond_tril
+    assert torch.allclose(L @ L.T, cov, rtol=1e-5, atol=1e-12)
+    d = pyro_nf.diagnose(regression_model, guide, x, y, num_samples=200)
+    assert abs(d.elbo - float(log_evidence)) < 1e-6
+
+
+@parametrize_guides
+def test_auto_falls_back_quietly_to_the_plain_start(cls):
+    """A funnel has no mode: "auto" says so in laplace_info only (no warning) and starts
+    exactly as precondition=None does."""
+    pyro.set_rng_seed(0)
+    guide = cls(funnel, **SMALL[cls])
+    assert setup_quietly(guide) == []
+    reason = guide.laplace_info["reason"]
+    assert not guide.laplace_info["used"] and ("no mode" in reason or "not positive" in reason)
+    assert guide.flow.precond_tril is None
+    pyro.set_rng_seed(0)
+    plain = cls(funnel, **SMALL[cls], precondition=None)
+    plain.setup()
+    assert plain.laplace_info is None
+    assert torch.equal(guide.flow.affine.raw, plain.flow.affine.raw)
+
+
+def test_auto_does_not_try_a_subsampled_model():
+    data = torch.randn(100)
+
+    def model():
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", 100, subsample_size=10) as idx:
+            pyro.sample("obs", dist.Normal(mu, 1.0), obs=data[idx])
+
+    guide = AutoIAFFlow(model, num_transforms=1)
+    assert setup_quietly(guide) == []  # where precondition="laplace" refuses the model
+    assert not guide.laplace_info["used"]
+    assert "subsamples (plate 'data')" in guide.laplace_info["reason"]
+    assert guide.flow.precond_tril is None
+
+
+def test_auto_does_not_try_beyond_its_dimension_limit(monkeypatch):
+    from pyro_nf import _laplace
+
+    x, y = regression_data()
+    monkeypatch.setattr(_laplace, "AUTO_LAPLACE_MAX_DIM", 1)  # the model has 2 latent dims
+    guide = AutoPlanarFlow(regression_model, num_transforms=2)
+    assert setup_quietly(guide, x, y) == []
+    assert not guide.laplace_info["used"] and "2 latent dimensions" in guide.laplace_info["reason"]
+    assert guide.laplace_info["iterations"] == 0 and guide.flow.precond_tril is None
+    forced = AutoPlanarFlow(regression_model, num_transforms=2, precondition="laplace")
+    setup_quietly(forced, x, y)
+    assert forced.laplace_info["used"]  # the limit is "auto"'s only
+
+
+def test_auto_falls_back_when_the_log_density_raises():
+    """Any error in the mode search means the plain start for "auto" (the guide still trains),
+    where precondition="laplace" lets an error it does not expect through."""
+
+    def model():
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        if mu.requires_grad:  # only in the mode search: the set-up's own runs have plain values
+            raise NotImplementedError("no gradient here")
+        pyro.sample("obs", dist.Normal(mu, 1.0), obs=torch.tensor(0.5))
+
+    guide = AutoPlanarFlow(model, num_transforms=2)
+    assert setup_quietly(guide) == []
+    assert not guide.laplace_info["used"]
+    assert guide.laplace_info["reason"].startswith("the mode search failed")
+    assert "no gradient here" in guide.laplace_info["reason"]
+    assert guide.flow.precond_tril is None
+    with pytest.raises(NotImplementedError, match="no gradient here"):
+        AutoPlanarFlow(model, num_transforms=2, precondition="laplace").setup()

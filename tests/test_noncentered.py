@@ -44,7 +44,8 @@ def noncentred(y, sigma):
 
 def pair(cls=AutoIAFFlow, **kwargs):
     """A non-centring guide on the centred model and a plain one on the non-centred model, with
-    the same flow parameters."""
+    the same flow parameters (the plain start, so that no Laplace search differs between them)."""
+    kwargs.setdefault("precondition", None)
     pyro.clear_param_store()
     nc = cls(centred, noncentered=True, **kwargs).setup(Y, SIGMA)
     plain = cls(noncentred, **kwargs).setup(Y, SIGMA)
