@@ -444,7 +444,7 @@ def main() -> None:
     parser.add_argument("--part", default="abc", help="any of a, b, c (default: all)")
     parser.add_argument("--posteriordb", default=None, help="posteriordb's posterior_database")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=3000, help="SVI steps in part (a)")
+    parser.add_argument("--steps", type=int, default=8000, help="SVI steps in part (a)")
     parser.add_argument("--schools-steps", type=int, default=5000, help="SVI steps in part (b)")
     parser.add_argument("--scaling-steps", type=int, default=50, help="timed steps in part (c)")
     parser.add_argument("--lr", type=float, default=0.01)

@@ -276,7 +276,10 @@ def make_guide(
         if family == "spline":
             kwargs.update(num_bins=spline_bins, bound=spline_bound)
         guide_class = getattr(pyro_nf, NAMES[family])
-        return guide_class(model, num_transforms=k, init_scale=init_scale, **kwargs)
+        # the plain start (not the default Laplace start): the table's configurations are fixed
+        return guide_class(
+            model, num_transforms=k, init_scale=init_scale, precondition=None, **kwargs
+        )
     if family == "pyro-planar":
         return AutoNormalizingFlow(model, functools.partial(iterated, k, planar))
     if family == "pyro-iaf":

@@ -8,7 +8,11 @@ A checkpoint is a dict written with :func:`torch.save` and read with
 * ``optimizer``: the optimizer's state dict; ``rng``: the random-number states at ``step``;
 * what it belongs to: ``guide`` (the guide's class name), ``latents`` (for pyro_nf flow
   autoguides, the model's latent sites in order, ``[name, shape, support]``; ``None`` for other
-  guides, whose parameter names already carry the sites) and ``optimizer_class``.
+  guides, whose parameter names already carry the sites) and ``optimizer_class``;
+* ``buffers`` (optional): the guide's module buffers by name, such as the Laplace start's
+  preconditioner, which set-up computes and which is not a parameter. A resumed guide gets these
+  back, so it continues with the preconditioner the fit had rather than one found again from
+  another random start. Checkpoints without this entry resume with the guide's own.
 
 Resuming checks all of these against the fit at hand before anything is changed, and refuses a
 mismatch with a :class:`CheckpointError` that names the difference. Checkpoints of format
@@ -135,6 +139,41 @@ def owner(guide, optimizer: torch.optim.Optimizer) -> dict:
         "latents": latents,
         "optimizer_class": type(optimizer).__qualname__,
     }
+
+
+def buffers(guide) -> dict[str, torch.Tensor]:
+    """The guide's module buffers (on the CPU) by name; empty for a guide that is no module."""
+    if not isinstance(guide, torch.nn.Module):
+        return {}
+    return {name: b.detach().cpu() for name, b in guide.named_buffers()}
+
+
+def restore_buffers(ckpt: dict, path: str, guide) -> None:
+    """Put the checkpoint's ``buffers`` back into ``guide`` (nothing for an older checkpoint).
+
+    A buffer the checkpoint holds is set (on the device and in the dtype of the guide's parameters
+    or of the buffer it replaces); a buffer the guide has and the checkpoint lacks is set to
+    ``None`` (e.g. a preconditioner that the fit's own set-up did not find).
+    """
+    saved = ckpt.get("buffers")
+    if saved is None or not isinstance(guide, torch.nn.Module):
+        return
+    reference = next(iter(guide.parameters()), None)
+    for name in sorted(set(saved) | {n for n, _ in guide.named_buffers()}):
+        owner_name, _, leaf = name.rpartition(".")
+        try:
+            module = guide.get_submodule(owner_name)
+        except AttributeError as e:
+            raise CheckpointError(
+                f"checkpoint {path!r} holds the buffer {name!r}, which this guide does not have"
+            ) from e
+        value = saved.get(name)
+        if value is not None:
+            like = getattr(module, leaf, None)
+            like = like if isinstance(like, torch.Tensor) else reference
+            if like is not None:
+                value = value.to(like.device, like.dtype if value.is_floating_point() else None)
+        module.register_buffer(leaf, value)
 
 
 def _check_owner(ckpt: dict, path: str, mine: dict) -> None:

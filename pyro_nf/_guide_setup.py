@@ -4,6 +4,7 @@ the other parts of :class:`~pyro_nf.AutoFlow` share."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import pyro
@@ -17,6 +18,23 @@ from torch.distributions import biject_to
 
 from ._devices import model_device, site_values
 from .flow import Flow
+
+
+@contextlib.contextmanager
+def _fixed_random_start():
+    """Run the block (the prototype trace and ``init_loc_fn``) on the CPU random generator seeded
+    with 0, then give the generator back as it was.
+
+    The Laplace start searches for the mode from ``init_loc_fn``'s (random) point and ends within
+    the search's tolerance of it; from a fixed point, a guide set up again (restored from Pyro's
+    param store, which holds the parameters but not the preconditioner) finds the very same
+    preconditioner on the same machine, so the restored posterior is the saved one. Where the
+    search finds no mode, set-up starts again from the user's random state, as without the
+    Laplace start.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        yield
 
 
 def subsampled_frame(site: dict):
@@ -52,6 +70,24 @@ class GuideSetup:
         self.laplace_info = None
 
     def _build_from_prototype(self, args: tuple, kwargs: dict) -> None:
+        flow = None
+        if self._options.precondition in ("laplace", "auto"):
+            with _fixed_random_start():  # the search's start: the same at every set-up
+                flow, loc = self._start(args, kwargs)
+            self._laplace_start(flow, loc, args, kwargs, auto=self._options.precondition == "auto")
+        if flow is None or not self.laplace_info["used"]:  # the plain start, from the user's RNG
+            info = self.laplace_info
+            flow, _ = self._start(args, kwargs)
+            self.laplace_info = info
+        flow.outer_transform = self.noncentering
+        self.flow = flow
+        # the name a Flow called inside a Pyro handler registers itself under: the guide's own
+        # (the default "flow" would clash with a user's flow of that name)
+        with self._pyro_context:  # (where the guide's full name is defined)
+            flow.name = self._flow_param_prefix()
+
+    def _start(self, args: tuple, kwargs: dict) -> tuple[Flow, Tensor]:
+        """Trace the model at ``init_loc_fn``'s point; a flow starting there, and the point."""
         AutoGuide._setup_prototype(self, *args, **kwargs)
         self._check_model()
         self._read_latent_layout()
@@ -59,15 +95,7 @@ class GuideSetup:
         self.noncentering = None
         if self._options.noncentered:
             loc = self._noncentering_start(loc, args, kwargs)
-        flow = self._new_flow(loc)
-        if self._options.precondition in ("laplace", "auto"):
-            self._laplace_start(flow, loc, args, kwargs, auto=self._options.precondition == "auto")
-        flow.outer_transform = self.noncentering
-        self.flow = flow
-        # the name a Flow called inside a Pyro handler registers itself under: the guide's own
-        # (the default "flow" would clash with a user's flow of that name)
-        with self._pyro_context:  # (where the guide's full name is defined)
-            flow.name = self._flow_param_prefix()
+        return self._new_flow(loc), loc
 
     def _read_latent_layout(self) -> None:
         """Each latent site's unconstrained shape and plates, and the latent vector's size."""

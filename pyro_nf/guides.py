@@ -149,7 +149,8 @@ class AutoFlow(
             start is not used); the Laplace start takes its scales from the Hessian.
         precondition: ``"auto"`` (default), ``"laplace"`` or ``None``. With ``"laplace"``, set-up finds the
             mode of the log density in unconstrained space (L-BFGS from ``init_loc_fn``'s point,
-            then Newton steps with the exact Hessian) and puts the flow in the whitened
+            drawn with the CPU generator seeded at 0 so that a guide set up again finds the same
+            mode, then Newton steps with the exact Hessian) and puts the flow in the whitened
             coordinates of the Laplace approximation :math:`\\mathcal N(m, H^{-1})`:
             :math:`z = m + L\\,\\text{flow}(\\varepsilon)` with :math:`LL^\\top = H^{-1}` fixed
             (:meth:`pyro_nf.Flow.set_preconditioner`) and the flow's own affine base starting at

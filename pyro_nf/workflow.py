@@ -287,7 +287,7 @@ def _fit(settings: _Settings, loss: ELBO, may_fall_back: bool, model, guide, arg
     saver = None
     if settings.checkpoint is not None:
         owner = _checkpoint.owner(guide, opt)
-        saver = _Checkpointer(settings.checkpoint, owner, names, params, opt, group)
+        saver = _Checkpointer(settings.checkpoint, owner, names, params, opt, group, guide)
     with _distributed.all_or_none(group, "resuming from the checkpoint"):
         run = saver.resume() if settings.resume else _Run()
     if group is not None and group.rank != 0:
@@ -801,8 +801,10 @@ class _Run:
 class _Checkpointer:
     """Saves a fit's state to ``path`` (see :mod:`pyro_nf._checkpoint`) and resumes from it."""
 
-    def __init__(self, path: str, owner: dict, names, params, optimizer, group=None) -> None:
-        self.path, self.owner = path, owner
+    def __init__(
+        self, path: str, owner: dict, names, params, optimizer, group=None, guide=None
+    ) -> None:
+        self.path, self.owner, self.guide = path, owner, guide
         self.names, self.params, self.optimizer = names, params, optimizer
         self.group = group  # a distributed fit's process group: rank 0 writes
 
@@ -827,6 +829,7 @@ class _Checkpointer:
                 "step": run.step,
                 "params": {n: p.detach().cpu() for n, p in zip(self.names, self.params)},
                 "optimizer": self.optimizer.state_dict(),
+                "buffers": _checkpoint.buffers(self.guide),
                 "losses": torch.tensor(run.losses, dtype=torch.float64, device="cpu"),
                 "skipped": list(run.skipped),
                 "rng": rng,
@@ -839,6 +842,7 @@ class _Checkpointer:
         ckpt = _checkpoint.load(self.path)
         _distributed.check_checkpoint_ranks(ckpt, self.path, self.group)
         _checkpoint.restore(ckpt, self.path, self.owner, self.names, self.params, self.optimizer)
+        _checkpoint.restore_buffers(ckpt, self.path, self.guide)
         if self.group is not None:
             _set_rng_state(ckpt["rng_ranks"][self.group.rank])
         step = int(ckpt["step"])

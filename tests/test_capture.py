@@ -239,9 +239,9 @@ def test_non_finite_steps_are_skipped_and_reported_as_by_the_usual_step(adam_ker
 def test_the_device_freezes_the_parameters_at_the_step_that_reaches_max_bad_steps(adam_kernel):
     # steps 10-12 are bad (3 = max_bad_steps); steps 13 on are finite and would move the
     # parameters if the device did not freeze them: the host reads the record only at step 100
-    model, schedule = make_flaky({10, 11, 12})
     errors, params = [], []
     for mode in (False, True):
+        model, schedule = make_flaky({10, 11, 12})  # fresh: the last fit ended on a bad step
         pyro.clear_param_store()
         guide = GUIDES["planar"](model)
         with pytest.raises(pyro_nf.FitError) as info:

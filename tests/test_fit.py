@@ -48,10 +48,8 @@ def local_model(y):
 
 
 def planar(model):
-    # The plain start: these tests compare resumed fits with uninterrupted ones bit for bit and
-    # count the model's calls; the default Laplace start is found again (to the search's
-    # tolerance, with a number of model calls that depends on the start) when a fit resumes,
-    # since the checkpoint holds the parameters, not the preconditioner.
+    # The plain start: these tests count the model's calls, and the default Laplace start's
+    # mode search makes a number of them that depends on its random start.
     return pyro_nf.AutoPlanarFlow(model, num_transforms=2, precondition=None)
 
 

@@ -144,8 +144,9 @@ def test_banana_goals_are_the_issues_for_sd_4_and_the_earlier_ones_for_sd_2():
 
 
 def test_default_arguments_row_is_the_guide_a_user_gets():
-    """The row builds AutoIAFFlow(model) / AutoSplineFlow(model): every library default, not the
-    table's init_scale 1 and (64,) MADE, whatever the command line says."""
+    """The row builds AutoIAFFlow(model) / AutoSplineFlow(model): every library default (the
+    Laplace start included), not the table's init_scale 1 and (64,) MADE, whatever the command
+    line says."""
     import pyro_nf
 
     model = toy.make_model(functools.partial(toy.u_banana, sd=4.0))
@@ -157,8 +158,8 @@ def test_default_arguments_row_is_the_guide_a_user_gets():
         guide(), default()
         assert len(guide.flow.layers) == len(default.flow.layers)
         assert guide.flow.layers[0].made.hidden[0].out_features == 16  # default for D = 2
-        loc, scale = guide.flow.base_loc_scale()
-        assert torch.allclose(scale, torch.full((2,), 0.1))  # GuideOptions' init_scale
+        assert guide.laplace_info["used"]  # the default start: the Laplace approximation
+        assert default.laplace_info["used"]
     assert toy.label("iaf", 0, "default arguments") == "pyro_nf.AutoIAFFlow, default arguments"
     assert toy.seed_tag("banana", "iaf", 0, "default arguments").endswith("/default arguments")
     r = toy.fit_one(_task("iaf", 0, steps=5, variant="default arguments"))
