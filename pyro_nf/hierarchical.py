@@ -670,7 +670,7 @@ class AutoHierarchicalFlow(AutoGuide):
         """Importance log-weights of ``num_samples`` draws of the globals, the locals integrated
         out: :math:`\\log \\hat p(x, g_s) - \\log q(g_s)`, shape ``(num_samples,)``.
 
-        :math:`\\hat p(x \\mid g) = \\prod_i \frac1M \\sum_m p(x_i, z_{im} \\mid g) /
+        :math:`\\hat p(x \\mid g) = \\prod_i \\frac1M \\sum_m p(x_i, z_{im} \\mid g) /
         q(z_{im} \\mid g, x_i)` with :math:`M` = ``num_local_draws`` draws of the locals from the
         guide; it is unbiased for :math:`p(x \\mid g)`, so these are the weights of a
         pseudo-marginal importance sampler over the globals, and their PSIS :math:`\\hat k`
