@@ -224,6 +224,17 @@ def start_identical(names: list[str], params: list[torch.Tensor]) -> None:
     broadcast_parameters(params)
 
 
+def share_buffers(guide) -> None:
+    """Give every rank rank 0's module buffers of ``guide`` (such as the Laplace start's
+    preconditioner, which each rank's set-up found from its own data shard): the ranks must train
+    one guide, not one each."""
+    from ._checkpoint import buffers, restore_buffers
+
+    box = [buffers(guide) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    restore_buffers({"buffers": box[0]}, "rank 0's guide", guide)
+
+
 def check_checkpoint_ranks(ckpt: dict, path: str, group: Group | None) -> None:
     """Refuse to resume a distributed checkpoint on another number of ranks, or in one process
     (and a one-process checkpoint in a distributed fit): the random numbers would differ."""

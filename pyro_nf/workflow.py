@@ -276,8 +276,9 @@ def _fit(settings: _Settings, loss: ELBO, may_fall_back: bool, model, guide, arg
         with _quiet_plate_guess():
             loss, names = _first_evaluation(loss, may_fall_back, model, guide, args, kwargs)
         names, params = _collect_parameters(names)
-        if group is not None:
-            _distributed.start_identical(names, params)
+    if group is not None:  # (collectives: only once every rank has set its guide up)
+        _distributed.start_identical(names, params)
+        _distributed.share_buffers(guide)
     opt = _make_optimizer(settings.optimizer, params, settings.lr, settings.optimizer_kwargs)
     averager = None if group is None else _distributed.Averager(group, params)
     stepper = _Stepper(

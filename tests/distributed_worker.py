@@ -71,6 +71,23 @@ def identical(out):
     }
 
 
+def laplace_shards(out):
+    """Each rank's model sees only its own rows (no subsampled plate), so each rank's set-up finds
+    the Laplace start of its own shard: the fit must train rank 0's, on every rank."""
+    x, y = data()
+    rows = my_rows()
+    pyro.clear_param_store()
+    guide = pyro_nf.AutoPlanarFlow(model, num_transforms=1)
+    pyro_nf.fit(model, guide, x[rows], y[rows], num_steps=5, seed=2, progress=False,
+                distributed=True)  # fmt: skip
+    tril = guide.flow.precond_tril
+    out["laplace_shards"] = {
+        "used": bool(guide.laplace_info["used"]),
+        "tril_equal": tril is not None and pd.all_equal(tril),
+        "params_equal": all(pd.all_equal(v) for v in params().values()),
+    }
+
+
 class VAE(torch.nn.Module):
     """A tiny VAE with a flow posterior: encoder and decoder registered with pyro.module."""
 
@@ -125,14 +142,16 @@ def one_step(out):
     pd.rank_seed = lambda seed, rank: seed  # the same Monte Carlo noise on every rank
     try:
         pyro.clear_param_store()
-        guide = pyro_nf.AutoPlanarFlow(model, num_transforms=2)
+        # the plain start: the single-process run's model (all rows, no subsampled plate)
+        # would get the Laplace start, the distributed one's (subsampled) would not
+        guide = pyro_nf.AutoPlanarFlow(model, num_transforms=2, precondition=None)
         kw = dict(num_steps=1, lr=0.1, optimizer="sgd", seed=3, progress=False)
         pyro_nf.fit(model, guide, x, y, my_rows(), distributed=True, **kw)
         after_distributed = params()
     finally:
         pd.rank_seed = original
     pyro.clear_param_store()
-    guide = pyro_nf.AutoPlanarFlow(model, num_transforms=2)
+    guide = pyro_nf.AutoPlanarFlow(model, num_transforms=2, precondition=None)
     pyro_nf.fit(model, guide, x, y, None, **kw)
     after_single = params()
     out["one_step"] = {
@@ -166,7 +185,8 @@ def failure(out):
     """Rank 1's model raises at its 6th call: every rank stops at once with a FitError."""
     x, y = data()
     pyro.clear_param_store()
-    guide = pyro_nf.AutoPlanarFlow(model, num_transforms=1)
+    # the plain start: the Laplace start's mode search would make the 6th call during set-up
+    guide = pyro_nf.AutoPlanarFlow(model, num_transforms=1, precondition=None)
     fail_at = [6] if pd.rank_and_world()[0] == 1 else None
     t0 = time.perf_counter()
     try:
@@ -189,7 +209,7 @@ def main(folder: str) -> None:
     tdist.init_process_group("gloo", timeout=__import__("datetime").timedelta(seconds=60))
     rank = tdist.get_rank()
     out = {"rank": rank, "world_size": tdist.get_world_size()}
-    for scenario in (identical, vae, one_step, failure):
+    for scenario in (identical, laplace_shards, vae, one_step, failure):
         scenario(out)
     resume(out, folder)
     with open(os.path.join(folder, f"rank{rank}.json"), "w") as f:

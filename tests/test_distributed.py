@@ -54,6 +54,15 @@ def test_parameters_and_losses_identical_on_every_rank(ranks):
 
 @pytest.mark.distributed
 @pytest.mark.slow
+def test_every_rank_trains_rank_0s_laplace_start(ranks):
+    # each rank's set-up found the Laplace start of its own shard; the fit shares rank 0's
+    assert all(r["laplace_shards"]["used"] for r in ranks)
+    assert all(r["laplace_shards"]["tril_equal"] for r in ranks)
+    assert all(r["laplace_shards"]["params_equal"] for r in ranks)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_diagnose_after_a_distributed_fit_is_the_same_on_every_rank(ranks):
     assert ranks[0]["identical"]["k_hat"] == ranks[1]["identical"]["k_hat"]
 
