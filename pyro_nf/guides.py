@@ -9,7 +9,7 @@ then a learnable affine layer).
 By default (``precondition="auto"``) set-up looks for the mode of the posterior and, where it
 finds one with a usable Hessian, the guide starts at the Laplace approximation and the flow works
 in its whitened coordinates (see :class:`AutoFlow`); elsewhere (no mode, a model that subsamples,
-more than 200 latent dimensions) it starts as with ``precondition=None``. With
+more than 32 latent dimensions) it starts as with ``precondition=None``. With
 ``precondition=None`` the affine layer starts at ``init_loc_fn``'s location with scale
 ``init_scale`` and every flow layer at the identity, so an untrained guide *is* ``AutoNormal`` 's
 starting distribution when both are given the same ``init_loc_fn`` and ``init_scale``. The
@@ -163,7 +163,7 @@ class AutoFlow(
             (the log density would change at every evaluation). Costs up to ``laplace_max_iter``
             L-BFGS iterations and :math:`D` Hessian rows, once.
             ``"auto"`` is the Laplace start where it is usable and cheap: it is not tried for
-            models that subsample or have more than 200 latent dimensions
+            models that subsample or have more than 32 latent dimensions
             (``pyro_nf._laplace.AUTO_LAPLACE_MAX_DIM``), and where no mode is found (or the
             search fails for any other reason) the guide starts as with ``None``, without a
             warning; :attr:`laplace_info` says which. ``None``: the plain start at
