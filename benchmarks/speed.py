@@ -111,25 +111,21 @@ def time_fit(block, steps: int, repeats: int) -> float:
     return statistics.median(block(steps) for _ in range(repeats))
 
 
-def hand_written_step(K: int, X, y, fused: bool = False):
-    """Pure-torch ELBO: affine base + K planar layers (same constraint as pyro_nf), logistic model.
-
-    ``fused=True`` uses torch's fused Adam kernel, as ``pyro_nf.fit`` does.
-    """
+def plain_logistic_loss(K: int, X, y):
+    """The plain-torch ELBO of an affine base + K planar layers (same constraint as pyro_nf) on
+    the logistic model, one particle: its loss function and parameters (``benchmarks/speed_cuda.py``
+    captures the same loss)."""
     torch.manual_seed(0)
-    d = X.shape[1] + 1
-    dev = X.device
-    loc = torch.zeros(d, requires_grad=True, device=dev)
-    rho = torch.full((d,), -2.25, requires_grad=True, device=dev)
-    u = torch.zeros(K, d, requires_grad=True, device=dev)
+    d, dev = X.shape[1] + 1, X.device
+    loc = torch.zeros(d, device=dev, requires_grad=True)
+    rho = torch.full((d,), -2.25, device=dev, requires_grad=True)
+    u = torch.zeros(K, d, device=dev, requires_grad=True)
     w = (torch.randn(K, d, device=dev) / d**0.5).requires_grad_()
-    b = torch.zeros(K, requires_grad=True, device=dev)
-    opt = torch.optim.Adam([loc, rho, u, w, b], lr=1e-3, fused=fused or None)
+    b = torch.zeros(K, device=dev, requires_grad=True)
     shift = float(np.log(np.e - 1))
     half_log_2pi = 0.5 * float(np.log(2 * np.pi))
 
-    def step():
-        opt.zero_grad()
+    def loss():
         wu = (w * u).sum(-1)
         m1 = F.softplus(wu + shift)
         u_hat = u + ((m1 - 1 - wu) / (w * w).sum(-1)).unsqueeze(-1) * w
@@ -145,10 +141,25 @@ def hand_written_step(K: int, X, y, fused: bool = False):
         log_prior = -0.5 * (theta * theta).sum() - d * half_log_2pi
         logits = theta[0] + X @ theta[1:]
         log_lik = -F.binary_cross_entropy_with_logits(logits, y, reduction="sum")
-        loss = -(log_prior + log_lik - log_q)
-        loss.backward()
+        return -(log_prior + log_lik - log_q)
+
+    return loss, [loc, rho, u, w, b]
+
+
+def hand_written_step(K: int, X, y, fused: bool = False):
+    """One Adam step of :func:`plain_logistic_loss`, the loss read back as a float.
+
+    ``fused=True`` uses torch's fused Adam kernel, as ``pyro_nf.fit`` does.
+    """
+    loss, params = plain_logistic_loss(K, X, y)
+    opt = torch.optim.Adam(params, lr=1e-3, fused=fused or None)
+
+    def step():
+        opt.zero_grad()
+        value = loss()
+        value.backward()
         opt.step()
-        return loss.item()
+        return value.item()
 
     return step
 

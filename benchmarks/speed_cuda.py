@@ -51,6 +51,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _machine import cpu_name  # noqa: E402 - benchmarks/_machine.py, beside this script
+from speed import plain_logistic_loss  # noqa: E402 - the same loss as speed.py's hand-written row
 
 import pyro_nf  # noqa: E402
 
@@ -279,37 +280,6 @@ def logistic(X, y):
 def gaussian(y):
     x = pyro.sample("x", dist.Normal(y.new_zeros(y.shape[-1]), 1.0).to_event(1))
     pyro.sample("y", dist.Normal(x, 1.0).to_event(1), obs=y)
-
-
-def plain_logistic_loss(K: int, X, y):
-    """The plain-torch ELBO of AutoPlanarFlow K on the logistic model (one particle): its
-    parameters and loss function."""
-    torch.manual_seed(0)
-    d, dev = X.shape[1] + 1, X.device
-    loc = torch.zeros(d, device=dev, requires_grad=True)
-    rho = torch.full((d,), -2.25, device=dev, requires_grad=True)
-    u = torch.zeros(K, d, device=dev, requires_grad=True)
-    w = (torch.randn(K, d, device=dev) / d**0.5).requires_grad_()
-    b = torch.zeros(K, device=dev, requires_grad=True)
-
-    def loss():
-        wu = (w * u).sum(-1)
-        m1 = F.softplus(wu + SHIFT)
-        u_hat = u + ((m1 - 1 - wu) / (w * w).sum(-1)).unsqueeze(-1) * w
-        eps = torch.randn(d, device=dev)
-        z, ladj = eps, 0.0
-        for k in range(K):
-            t = torch.tanh(z @ w[k] + b[k])
-            z = z + u_hat[k] * t
-            ladj = ladj + torch.log(t * t + (1 - t * t) * m1[k])
-        scale = F.softplus(rho)
-        theta = loc + scale * z
-        log_q = -0.5 * (eps * eps).sum() - d * HALF_LOG_2PI - ladj - scale.log().sum()
-        log_prior = -0.5 * (theta * theta).sum() - d * HALF_LOG_2PI
-        log_lik = -F.binary_cross_entropy_with_logits(theta[0] + X @ theta[1:], y, reduction="sum")  # fmt: skip
-        return -(log_prior + log_lik - log_q)
-
-    return loss, [loc, rho, u, w, b]
 
 
 def fit_runner(model, make_guide, model_args, compile, fb: Fallbacks):
