@@ -27,6 +27,7 @@ import argparse
 import functools
 import os
 import statistics
+import sys
 import time
 
 import numpy as np
@@ -40,8 +41,11 @@ from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoIAFNormal, AutoNormal, AutoNormalizingFlow
 from pyro.optim import Adam
 
-import pyro_nf
-from pyro_nf.fast import FastELBO
+# this checkout's pyro_nf, not another installed copy (a run in a worktree measures its own code)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import pyro_nf  # noqa: E402
+from pyro_nf.fast import FastELBO  # noqa: E402
 
 N, D = 500, 21
 

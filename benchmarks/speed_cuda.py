@@ -50,6 +50,8 @@ from pyro.infer.autoguide import AutoNormal
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# this checkout's pyro_nf, not another installed copy (a run in a worktree measures its own code)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from _machine import cpu_name  # noqa: E402 - benchmarks/_machine.py, beside this script
 from speed import plain_logistic_loss  # noqa: E402 - the same loss as speed.py's hand-written row
 

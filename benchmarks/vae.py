@@ -104,7 +104,10 @@ import torch.nn.functional as F
 from pyro.infer import SVI, Trace_ELBO
 from torch import nn
 
-import pyro_nf
+# this checkout's pyro_nf, not another installed copy (a run in a worktree measures its own code)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import pyro_nf  # noqa: E402
 
 LATENT_DIM = 20
 HIDDEN = 300

@@ -53,6 +53,8 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+# this checkout's pyro_nf, not another installed copy (a run in a worktree measures its own code)
+sys.path.insert(0, os.path.dirname(HERE))
 
 import vae  # noqa: E402  (benchmarks/vae.py, beside this file)
 
