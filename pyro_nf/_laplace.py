@@ -3,6 +3,7 @@ Hessian of the log density (:func:`laplace`), and the flow preconditioned with t
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from collections.abc import Callable
@@ -63,6 +64,23 @@ class LaplaceStart:
         else:
             mode, tril, info = laplace(log_joint, loc.detach(), self._options.laplace_max_iter)
         self.laplace_info = info
+        if mode is not None and auto:
+            # a mode and a positive definite Hessian are not enough: along a nearly flat
+            # direction (a ridge, a weakly identified parameter) the inverse Hessian is huge and
+            # the Laplace start far too wide. Keep it only where its ELBO is at least the plain
+            # start's, both from the same fixed draws.
+            base_loc, base_scale = flow.base_loc_scale()
+            elbo_laplace = start_elbo(log_joint, mode, tril)
+            elbo_plain = start_elbo(log_joint, base_loc, base_scale)
+            info["elbo_laplace"], info["elbo_plain"] = elbo_laplace, elbo_plain
+            if not elbo_laplace >= elbo_plain:
+                mode = tril = None
+                info["used"] = False
+                info["reason"] = (
+                    f"the Laplace start's ELBO ({elbo_laplace:.4g}) is below the plain start's "
+                    f"({elbo_plain:.4g}): the inverse Hessian is too wide somewhere (a nearly "
+                    "flat direction?)"
+                )
         if mode is None:
             if not auto:
                 warnings.warn(
@@ -120,6 +138,45 @@ class LaplaceStart:
             return trace.log_prob_sum() + log_jac
 
         return log_joint
+
+
+#: draws behind :func:`start_elbo`'s estimate
+START_ELBO_DRAWS = 64
+
+
+def start_elbo(
+    log_joint: Callable[[Tensor], Tensor],
+    loc: Tensor,
+    scale: Tensor,
+    num_draws: int = START_ELBO_DRAWS,
+) -> float:
+    """Monte Carlo ELBO of the Gaussian start :math:`\\mathcal N(m, S S^\\top)` against
+    ``log_joint``: ``scale`` is :math:`S`, a vector of scales or a lower-triangular factor.
+
+    The draws come from a CPU generator seeded at 0 (the same standard normals for every start,
+    so two starts are compared on common random numbers; the user's random state is untouched).
+    ``-inf`` where the log density is not finite, or the model fails, at any draw.
+    """
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    # on the CPU whatever torch's default device (a CUDA or meta default must not leak in)
+    eps = torch.randn(num_draws, loc.numel(), generator=gen, dtype=torch.float64, device="cpu")
+    m, s = loc.detach().double().cpu().reshape(-1), scale.detach().double().cpu()
+    if s.dim() == 2:
+        x, log_det = m + eps @ s.T, s.diagonal().abs().log().sum()
+    else:
+        x, log_det = m + eps * s.reshape(-1), s.abs().log().sum()
+    log_q = -0.5 * eps.pow(2).sum(-1) - 0.5 * loc.numel() * math.log(2 * math.pi) - log_det
+    total = 0.0
+    with torch.no_grad():
+        for i in range(num_draws):
+            try:
+                lp = float(log_joint(x[i].to(dtype=loc.dtype, device=loc.device)))
+            except (ValueError, RuntimeError):  # a draw outside the model's valid region
+                return -math.inf
+            if not math.isfinite(lp):
+                return -math.inf
+            total += lp - float(log_q[i])
+    return total / num_draws
 
 
 def pulled_back(log_joint: Callable[[Tensor], Tensor], t: FlowTransform) -> Callable:

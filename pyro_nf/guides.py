@@ -164,9 +164,11 @@ class AutoFlow(
             L-BFGS iterations and :math:`D` Hessian rows, once.
             ``"auto"`` is the Laplace start where it is usable and cheap: it is not tried for
             models that subsample or have more than 32 latent dimensions
-            (``pyro_nf._laplace.AUTO_LAPLACE_MAX_DIM``), and where no mode is found (or the
-            search fails for any other reason) the guide starts as with ``None``, without a
-            warning; :attr:`laplace_info` says which. ``None``: the plain start at
+            (``pyro_nf._laplace.AUTO_LAPLACE_MAX_DIM``); where no mode is found (or the
+            search fails for any other reason), or where the Laplace start's ELBO is below the
+            plain start's (both estimated from the same 64 fixed draws: a nearly flat direction
+            makes the inverse Hessian far too wide), the guide starts as with ``None``, without
+            a warning; :attr:`laplace_info` says which. ``None``: the plain start at
             ``init_loc_fn``'s point with ``init_scale`` (an untrained guide is ``AutoNormal``'s
             start; the default up to pyro_nf 0.2.0). The default was chosen
             on posteriordb (``docs/benchmarks.rst``, "The default call"): from the plain start
@@ -209,7 +211,8 @@ class AutoFlow(
         #: what ``precondition="laplace"`` or ``"auto"`` did at set-up (``None`` with
         #: ``precondition=None``): ``used``,
         #: ``reason`` (why not, if not), ``log_density`` at the mode, ``newton_decrement``,
-        #: ``iterations`` and ``seconds``.
+        #: ``iterations`` and ``seconds``; with ``"auto"``, where a mode was found, also
+        #: ``elbo_laplace`` and ``elbo_plain`` (the two starts' ELBOs that chose between them).
         self.laplace_info: dict | None = None
         # Build a throw-away flow now so that bad arguments fail here, not at the first SVI step.
         with torch.device("cpu"):
@@ -443,10 +446,11 @@ class AutoIAFFlow(AutoFlow):
     costs :math:`D` passes per layer. Consecutive layers reverse the variable order.
 
     Args:
-        num_transforms: number of IAF layers; default 2. Four fitted the seeds' banana far
-            better than two but lost on a posteriordb posterior at the benchmark's budget, so
-            two stay the default (:doc:`/benchmarks`); try 4 for strongly curved posteriors
-            and check the fit.
+        num_transforms: number of IAF layers; default 2. Three fit the seeds' sd-4 banana
+            five times better and U1-U4 better, but cost a little W1 on 7 of 8 posteriordb
+            posteriors and, at D >= 300 with ``fit``'s lr 0.01, gave early loss spikes of up to
+            44 times the first loss; so two stay the default (:doc:`/benchmarks`). Pass 3 for
+            a strongly curved posterior of a few dimensions, and check the fit.
         hidden_dims: MADE hidden sizes; default ``(min(max(2 * D, 16), 128),)`` (see
             :class:`~pyro_nf.transforms.MADE` for why it is capped and how its steps scale).
         activation: the MADEs' hidden nonlinearity: a module class or one of the names

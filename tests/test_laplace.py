@@ -17,6 +17,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 from pyro.infer import Predictive, Trace_ELBO
+from pyro.infer.autoguide import init_to_value
 from test_devices import DEVICES
 from torch.autograd.functional import jacobian
 
@@ -400,3 +401,53 @@ def test_auto_falls_back_when_the_log_density_raises():
     assert guide.flow.precond_tril is None
     with pytest.raises(NotImplementedError, match="no gradient here"):
         AutoPlanarFlow(model, num_transforms=2, precondition="laplace").setup()
+
+
+def sine_ridge():
+    """Rezende & Mohamed's U2 in a soft box, under a nearly flat prior: at the mode (0, 0) the
+    Hessian sees neither the box nor the prior, so along the ridge the inverse Hessian is
+    hundreds of times wider than the box the posterior lives in."""
+    z = pyro.sample("z", dist.Normal(torch.zeros(2), 1e3).to_event(1))
+    ridge = -0.5 * ((z[..., 1] - torch.sin(math.pi * z[..., 0] / 2)) / 0.4) ** 2
+    box = -0.5 * (torch.relu(z[..., 0].abs() - 4) / 0.5) ** 2
+    pyro.factor("u2", ridge + box)
+
+
+@parametrize_guides
+def test_auto_keeps_the_plain_start_where_the_laplace_start_is_far_too_wide(cls):
+    kwargs = {**SMALL[cls], "init_loc_fn": init_to_value(values={"z": torch.zeros(2)})}
+    forced = cls(sine_ridge, **kwargs, precondition="laplace")
+    setup_quietly(forced)
+    assert forced.laplace_info["used"]  # a mode, a positive definite Hessian ...
+    assert float(forced.flow.precond_tril.diagonal().max()) > 100  # ... and a start far too wide
+    pyro.set_rng_seed(0)
+    guide = cls(sine_ridge, **kwargs)
+    assert setup_quietly(guide) == []
+    info = guide.laplace_info
+    assert not info["used"] and "ELBO" in info["reason"]
+    assert info["elbo_laplace"] < info["elbo_plain"] - 100
+    assert guide.flow.precond_tril is None
+    pyro.set_rng_seed(0)
+    plain = cls(sine_ridge, **kwargs, precondition=None)
+    plain.setup()
+    assert torch.equal(guide.flow.affine.raw, plain.flow.affine.raw)
+
+
+def test_start_elbo_is_the_log_evidence_at_the_exact_posterior():
+    """On a Gaussian posterior the Laplace start is exact: every draw's log p - log q is log Z."""
+    from pyro_nf._laplace import start_elbo
+
+    x, y = regression_data()
+    mean, cov, log_evidence = exact_answer(x, y)
+    guide = AutoPlanarFlow(regression_model, num_transforms=2)
+    setup_quietly(guide, x, y)
+    info = guide.laplace_info
+    assert info["used"] and abs(info["elbo_laplace"] - float(log_evidence)) < 1e-6
+    assert info["elbo_plain"] < info["elbo_laplace"]
+    log_joint = guide._log_joint_fn((x, y), {})
+    tril = torch.linalg.cholesky(cov)
+    assert abs(start_elbo(log_joint, mean, tril) - float(log_evidence)) < 1e-6
+    # a diagonal start with the wrong scale is strictly worse (Gibbs' inequality)
+    assert start_elbo(log_joint, mean, cov.diagonal().sqrt() * 3) < float(log_evidence) - 0.1
+    # the model failing at a draw makes the estimate -inf, not an error
+    assert start_elbo(lambda v: torch.tensor(float("nan")), mean, tril) == -math.inf
