@@ -150,10 +150,16 @@ def main(argv: list[str] | None = None) -> None:
         L.append(f"- `{r['command']}`: {r['fits']} fits, {r['wall_seconds'] / 60:.1f} min, "
                  f"finished {r['finished']}; {r['machine']}")  # fmt: skip
     seeds = sorted({r["seed"] for r in records})
+    runs = runs_of(a.twins)
+    if runs and all("--defaults" in r["command"] for r in runs):
+        budget = ("run_posteriordb.py --defaults: the default call, 3000 Adam steps at lr 0.01 "
+                  "with no schedule, 4 particles, float64")  # fmt: skip
+    else:
+        budget = ("run_posteriordb.py's defaults: 2000 Adam steps, lr 0.01 with a cosine "
+                  "schedule, 4 particles, float64")  # fmt: skip
     L += [
         f"- seeds {', '.join(map(str, seeds))}; every twin pair shares posterior, seed and budget "
-        "(run_posteriordb.py's defaults: 2000 Adam steps, lr 0.01 with a cosine schedule, 4 "
-        "particles, float64); W1, k-hat and ELBO as in posteriordb.md",
+        f"({budget}); W1, k-hat and ELBO as in posteriordb.md",
         "",
         "## posteriordb",
         "",

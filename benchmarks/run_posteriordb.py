@@ -44,8 +44,11 @@ import numpy as np
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-if HERE not in sys.path:
-    sys.path.insert(0, HERE)
+# this checkout's pyro_nf first, not another installed copy (a worktree's run tests its own code)
+for _p in (os.path.dirname(HERE), HERE):
+    if _p in sys.path:
+        sys.path.remove(_p)
+    sys.path.insert(0, _p)
 
 from posteriors import POSTERIORS, load_posterior  # noqa: E402
 
@@ -89,15 +92,26 @@ DEFAULT_GUIDES = [
     "AutoIAFFlow",
     "AutoSplineFlow",
 ]
-_DEFAULT_OPTIONS = {"laplace", "plain", "noncentered"}
+#: "[elu]", "[gelu]" activation= (the MADE families only); "[K=4]" num_transforms=4.
+_DEFAULT_OPTIONS = {"laplace", "plain", "noncentered", "elu", "gelu"}
+
+
+def _layers_option(opt: str) -> int | None:
+    """``"K=4"`` -> 4; None for any other option."""
+    if opt.startswith("K=") and opt[2:].isdigit() and int(opt[2:]) > 0:
+        return int(opt[2:])
+    return None
 
 
 def known_default_guide(guide: str) -> bool:
     """Whether ``--defaults`` knows how to build ``guide`` (a base name and known options)."""
     base, opts = _options(guide)
+    plain_opts = {o for o in opts if _layers_option(o) is None}
+    made = base in ("AutoIAFFlow", "AutoSplineFlow")
     return (
         base in DEFAULT_GUIDES
-        and set(opts) <= _DEFAULT_OPTIONS
+        and plain_opts <= _DEFAULT_OPTIONS
+        and (made or not plain_opts & {"elu", "gelu"})
         and not (base == "AutoNormal" and opts)
     )
 
@@ -143,6 +157,8 @@ def default_guide_config(guide: str) -> str:
     args += ['precondition="laplace"'] if "laplace" in opts else []
     args += ["precondition=None"] if "plain" in opts else []
     args += ["noncentered=True"] if "noncentered" in opts else []
+    args += [f'activation="{a}"' for a in ("elu", "gelu") if a in opts]
+    args += [f"num_transforms={k}" for k in map(_layers_option, opts) if k is not None]
     return f"`pyro_nf.{base}({', '.join(args)})`"
 
 
@@ -291,6 +307,12 @@ def _make_default_guide(guide: str, model: Callable):
         kwargs["precondition"] = None
     if "noncentered" in opts:
         kwargs["noncentered"] = True
+    for act in ("elu", "gelu"):
+        if act in opts:
+            kwargs["activation"] = act
+    for opt in opts:
+        if _layers_option(opt) is not None:
+            kwargs["num_transforms"] = _layers_option(opt)
     return getattr(pyro_nf, base)(model, **kwargs)
 
 

@@ -33,8 +33,9 @@ from pyro.infer.autoguide import init_to_value
 from pyro.infer.autoguide.initialization import InitMessenger
 from pyro.optim import LambdaLR
 
-sys.path.append(os.path.dirname(os.path.abspath(__file__)))
-sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# this checkout's pyro_nf, not another installed copy (a worktree's run must test its own code)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import toy_densities as toy  # noqa: E402
 
@@ -68,6 +69,15 @@ ROWS = {
     "log_scale_max=1, init_scale=1": ({"log_scale_max": 1.0, "init_scale": 1.0}, {}),
     "log_scale_min=-2, log_scale_max=1": ({"log_scale_min": -2.0, "log_scale_max": 1.0}, {}),
 }
+#: rows over this checkout's defaults (``AutoIAFFlow(model, **kwargs)``), not pyro_nf 0.2's
+LIBRARY_ROWS = {f"library defaults, K={k}": {"num_transforms": k} for k in (2, 3, 4)} | {
+    "library defaults, init_scale=1": {"init_scale": 1.0},
+    "library defaults, lr=0.02": {},
+    "library defaults, plain start": {"precondition": None},
+    "library defaults, plain start, K=4": {"precondition": None, "num_transforms": 4},
+}
+ROWS.update({name: (("library", kw), {"lr": 0.02} if "lr=" in name else {})
+             for name, kw in LIBRARY_ROWS.items()})  # fmt: skip
 
 
 HEADER = """# What limits AutoIAFFlow on the sd-4 banana: one setting at a time
@@ -110,7 +120,12 @@ def fit(task):
     )
     model = toy.make_model(energy)
     init_model = InitMessenger(init_to_value(values={"x": torch.zeros(2)}))(model)
-    kwargs = {} if kwargs is None else {**OLD_DEFAULTS, **kwargs}
+    if kwargs is None:
+        kwargs = {}
+    elif isinstance(kwargs, tuple):  # ("library", over this checkout's defaults)
+        kwargs = dict(kwargs[1])
+    else:
+        kwargs = {**OLD_DEFAULTS, **kwargs}
     guide = pyro_nf.AutoIAFFlow(init_model, **kwargs)
     elbo = Trace_ELBO(num_particles=a["particles"], vectorize_particles=True, max_plate_nesting=0)
     factor = toy.lr_factor(a["schedule"], a["steps"], 0.02)

@@ -94,7 +94,7 @@ def main(argv=None) -> dict:
     y, sigma = eight_schools_data()
     guides = {
         "AutoNormal": lambda: AutoNormal(model),
-        "AutoIAFFlow": lambda: pyro_nf.AutoIAFFlow(model, num_transforms=2),
+        "AutoIAFFlow": lambda: pyro_nf.AutoIAFFlow(model),
     }
     results = {}
     for name, make_guide in guides.items():

@@ -77,3 +77,20 @@ def test_vae_seeds_activation_swaps_only_the_made_nonlinearity():
     for (name, a), (_, b) in zip(gelu.state_dict().items(), elu.state_dict().items()):
         if not name.endswith("_extra_state"):  # the record names the activation
             assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("defaults", [True, False])
+def test_report_states_the_budget_of_the_runs_it_read(tmp_path, defaults):
+    """Twins of a --defaults run are at the default call's budget, the others at the benchmark's."""
+    records = [_record("a", "AutoIAFFlow", 0, 0.3), _record("a", "AutoIAFFlow[gelu]", 0, 0.2)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    command = "python benchmarks/run_posteriordb.py" + (" --defaults" if defaults else "")
+    runs = [dict(command=command, fits=2, wall_seconds=60.0, finished="now", machine="m")]
+    (tmp_path / "d.runs.json").write_text(json.dumps(runs))
+    out = tmp_path / "out.md"
+    twins.main(["--twins", str(tmp_path / "d.jsonl"), "--pairs", "AutoIAFFlow|AutoIAFFlow[gelu]",
+                "--out", str(out)])  # fmt: skip
+    text = out.read_text()
+    assert ("3000 Adam steps at lr 0.01 with no schedule" in text) == defaults
+    assert ("2000 Adam steps, lr 0.01 with a cosine" in text) == (not defaults)
+    assert "| a | 0.300 | 0.200 | -0.100 (n=1)" in text

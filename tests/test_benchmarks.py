@@ -241,3 +241,29 @@ def test_defaults_smoke_run(tmp_path):
     assert "no worse than AutoNormal (mean W1): **" in md
     row = next(ln for ln in md.splitlines() if ln.startswith("| blr |"))
     assert len(re.findall(r"\((better|tie|worse)\)", row)) == flows
+
+
+def test_defaults_options_set_one_argument_each():
+    """--defaults: "[K=4]" sets num_transforms, "[gelu]" the MADE activation (MADE guides only);
+    anything else is refused by name."""
+    import pyro.distributions as dist
+    from run_posteriordb import _make_default_guide, default_guide_config, known_default_guide
+
+    import pyro_nf
+
+    def model():
+        pyro.sample("x", dist.Normal(torch.zeros(3), 1.0).to_event(1))
+
+    assert known_default_guide("AutoIAFFlow[K=4]") and known_default_guide("AutoIAFFlow[K=2+gelu]")
+    assert known_default_guide("AutoSplineFlow[gelu]")
+    for bad in ("AutoPlanarFlow[gelu]", "AutoIAFFlow[K=0]", "AutoIAFFlow[K=x]", "AutoNormal[K=2]"):
+        assert not known_default_guide(bad), bad
+    guide = _make_default_guide("AutoIAFFlow[K=4+gelu]", model).setup()
+    assert len(guide.flow.layers) == 4
+    assert isinstance(guide.flow.layers[0].made.activation, torch.nn.GELU)
+    assert len(_make_default_guide("AutoIAFFlow", model).setup().flow.layers) == len(
+        pyro_nf.AutoIAFFlow(model).setup().flow.layers
+    )
+    assert (
+        default_guide_config("AutoIAFFlow[K=2]") == "`pyro_nf.AutoIAFFlow(model, num_transforms=2)`"
+    )

@@ -141,12 +141,15 @@ def test_banana_goals_are_the_issues_for_sd_4_and_the_earlier_ones_for_sd_2():
     iaf, planar = toy.goals(results, ["banana"], guides, banana_sd=2.0)
     assert iaf.startswith("banana: best AutoIAFFlow KL 0.040 <= 0.03") and iaf.endswith("FAIL")
     assert planar.endswith("KL 0.100 <= 0.15: PASS")
+    # judged at another number of particles than the goal's 16: the line says so
+    at8 = toy.goals(results, ["banana"], guides, particles=8)[1]
+    assert "0.120 <= 0.15: PASS (at this run's 8 particles; the goal is set at 16" in at8
 
 
 def test_default_arguments_row_is_the_guide_a_user_gets():
     """The row builds AutoIAFFlow(model) / AutoSplineFlow(model): every library default (the
-    Laplace start included), not the table's init_scale 1 and (64,) MADE, whatever the command
-    line says."""
+    default start rule included), not the table's init_scale 1 and (64,) MADE, whatever the
+    command line says."""
     import pyro_nf
 
     model = toy.make_model(functools.partial(toy.u_banana, sd=4.0))
@@ -158,8 +161,10 @@ def test_default_arguments_row_is_the_guide_a_user_gets():
         guide(), default()
         assert len(guide.flow.layers) == len(default.flow.layers)
         assert guide.flow.layers[0].made.hidden[0].out_features == 16  # default for D = 2
-        assert guide.laplace_info["used"]  # the default start: the Laplace approximation
-        assert default.laplace_info["used"]
+        # the default start rule: on the banana the Laplace start's ELBO is below the plain one's
+        for key in ("used", "reason", "elbo_laplace", "elbo_plain"):
+            assert guide.laplace_info[key] == default.laplace_info[key]
+        assert not guide.laplace_info["used"] and "ELBO" in guide.laplace_info["reason"]
     assert toy.label("iaf", 0, "default arguments") == "pyro_nf.AutoIAFFlow, default arguments"
     assert toy.seed_tag("banana", "iaf", 0, "default arguments").endswith("/default arguments")
     r = toy.fit_one(_task("iaf", 0, steps=5, variant="default arguments"))
