@@ -70,17 +70,23 @@ class LaplaceStart:
             # the Laplace start far too wide. Keep it only where its ELBO is at least the plain
             # start's, both from the same fixed draws.
             base_loc, base_scale = flow.base_loc_scale()
-            elbo_laplace = start_elbo(log_joint, mode, tril)
-            elbo_plain = start_elbo(log_joint, base_loc, base_scale)
-            info["elbo_laplace"], info["elbo_plain"] = elbo_laplace, elbo_plain
-            if not elbo_laplace >= elbo_plain:
-                mode = tril = None
-                info["used"] = False
-                info["reason"] = (
+            try:
+                elbo_laplace = start_elbo(log_joint, mode, tril)
+                elbo_plain = start_elbo(log_joint, base_loc, base_scale)
+            except Exception as e:  # noqa: BLE001 - "auto" never fails the set-up: plain start
+                elbo_laplace = elbo_plain = math.nan
+                reason = f"the check of the Laplace start's ELBO failed ({first_line(e)})"
+            else:
+                reason = (
                     f"the Laplace start's ELBO ({elbo_laplace:.4g}) is below the plain start's "
                     f"({elbo_plain:.4g}): the inverse Hessian is too wide somewhere (a nearly "
                     "flat direction?)"
                 )
+            info["elbo_laplace"], info["elbo_plain"] = elbo_laplace, elbo_plain
+            if not elbo_laplace >= elbo_plain:
+                mode = tril = None
+                info["used"] = False
+                info["reason"] = reason
         if mode is None:
             if not auto:
                 warnings.warn(

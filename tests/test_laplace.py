@@ -451,3 +451,22 @@ def test_start_elbo_is_the_log_evidence_at_the_exact_posterior():
     assert start_elbo(log_joint, mean, cov.diagonal().sqrt() * 3) < float(log_evidence) - 0.1
     # the model failing at a draw makes the estimate -inf, not an error
     assert start_elbo(lambda v: torch.tensor(float("nan")), mean, tril) == -math.inf
+
+
+def test_auto_falls_back_when_the_start_check_raises():
+    """An error the model raises only at the ELBO check's draws (not in the mode search) still
+    means the plain start for "auto", with the reason, never a failed set-up."""
+
+    def model():
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        if not mu.requires_grad and abs(float(mu)) > 1.0:  # a check draw far from the mode
+            raise TypeError("not out here")
+        pyro.sample("obs", dist.Normal(mu, 1.0), obs=torch.tensor(0.5))
+
+    guide = AutoPlanarFlow(
+        model, num_transforms=2, init_loc_fn=init_to_value(values={"mu": torch.tensor(0.0)})
+    )
+    assert setup_quietly(guide) == []
+    info = guide.laplace_info
+    assert not info["used"] and "not out here" in info["reason"]
+    assert math.isnan(info["elbo_laplace"]) and guide.flow.precond_tril is None
