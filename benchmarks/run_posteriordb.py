@@ -310,9 +310,9 @@ def _make_default_guide(guide: str, model: Callable):
     for act in ("elu", "gelu"):
         if act in opts:
             kwargs["activation"] = act
-    for opt in opts:
-        if _layers_option(opt) is not None:
-            kwargs["num_transforms"] = _layers_option(opt)
+    for layers in map(_layers_option, opts):
+        if layers is not None:
+            kwargs["num_transforms"] = layers
     return getattr(pyro_nf, base)(model, **kwargs)
 
 

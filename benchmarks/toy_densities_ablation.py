@@ -46,7 +46,7 @@ OLD_DEFAULTS = {"num_transforms": 2, "activation": "elu", "precondition": None}
 #: settings)
 ROWS = {
     "default": ({}, {}),
-    "library defaults": (None, {}),  # AutoIAFFlow(model): this checkout's defaults
+    "library defaults": (("library", {}), {}),  # AutoIAFFlow(model): this checkout's defaults
     "init_scale=1": ({"init_scale": 1.0}, {}),
     "init_scale=4": ({"init_scale": 4.0}, {}),
     "gelu": ({"activation": "gelu"}, {}),
@@ -70,14 +70,14 @@ ROWS = {
     "log_scale_min=-2, log_scale_max=1": ({"log_scale_min": -2.0, "log_scale_max": 1.0}, {}),
 }
 #: rows over this checkout's defaults (``AutoIAFFlow(model, **kwargs)``), not pyro_nf 0.2's
-LIBRARY_ROWS = {f"library defaults, K={k}": {"num_transforms": k} for k in (2, 3, 4)} | {
-    "library defaults, init_scale=1": {"init_scale": 1.0},
-    "library defaults, lr=0.02": {},
-    "library defaults, plain start": {"precondition": None},
-    "library defaults, plain start, K=4": {"precondition": None, "num_transforms": 4},
+#: (name -> (AutoIAFFlow keyword arguments over this checkout's defaults, optimisation overrides))
+LIBRARY_ROWS = {f"library defaults, K={k}": ({"num_transforms": k}, {}) for k in (2, 3, 4)} | {
+    "library defaults, init_scale=1": ({"init_scale": 1.0}, {}),
+    "library defaults, lr=0.02": ({}, {"lr": 0.02}),
+    "library defaults, plain start": ({"precondition": None}, {}),
+    "library defaults, plain start, K=4": ({"precondition": None, "num_transforms": 4}, {}),
 }
-ROWS.update({name: (("library", kw), {"lr": 0.02} if "lr=" in name else {})
-             for name, kw in LIBRARY_ROWS.items()})  # fmt: skip
+ROWS.update({name: (("library", kw), over) for name, (kw, over) in LIBRARY_ROWS.items()})
 
 
 HEADER = """# What limits AutoIAFFlow on the sd-4 banana: one setting at a time
@@ -120,9 +120,7 @@ def fit(task):
     )
     model = toy.make_model(energy)
     init_model = InitMessenger(init_to_value(values={"x": torch.zeros(2)}))(model)
-    if kwargs is None:
-        kwargs = {}
-    elif isinstance(kwargs, tuple):  # ("library", over this checkout's defaults)
+    if isinstance(kwargs, tuple):  # ("library", over this checkout's defaults)
         kwargs = dict(kwargs[1])
     else:
         kwargs = {**OLD_DEFAULTS, **kwargs}
