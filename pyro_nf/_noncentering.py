@@ -45,7 +45,10 @@ def hierarchical_normal_sites(guide, args: tuple, kwargs: dict) -> list[str]:
     from pyro.infer.inspect import get_dependencies
 
     latents = [name for name, _ in guide.prototype_trace.iter_stochastic_nodes()]
-    deps = get_dependencies(guide.model, args, kwargs)["prior_dependencies"]
+    # blocked: set-up may run inside the caller's trace of the guide (plain SVI's first step),
+    # which must not record the model's sites
+    with poutine.block():
+        deps = get_dependencies(guide.model, args, kwargs)["prior_dependencies"]
     found = []
     for name, site in guide.prototype_trace.iter_stochastic_nodes():
         if not isinstance(_unwrap(site["fn"]), Normal):

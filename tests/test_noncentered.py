@@ -172,6 +172,27 @@ def test_fit_predictive_and_state_dict():
     assert idata.posterior["theta"].shape == (2, 25, 8)
 
 
+@pytest.mark.parametrize(
+    "options",
+    [{"noncentered": True}, {"noncentered": True, "precondition": "laplace"}, {}],
+    ids=["noncentered", "noncentered+laplace", "plain"],
+)
+@pytest.mark.parametrize("guide_class", [AutoIAFFlow, AutoPlanarFlow])
+def test_first_call_inside_plain_svi(guide_class, options):
+    """A fresh guide set up by plain ``SVI``'s first step: the set-up runs inside SVI's trace of
+    the guide, whose record must not get the model's sites. (The non-centring set-up traced the
+    model unblocked and failed with "Multiple sample sites named 'mu'".)"""
+    pyro.set_rng_seed(0)
+    guide = guide_class(centred, **options)
+    svi = pyro.infer.SVI(centred, guide, pyro.optim.Adam({"lr": 0.01}), Trace_ELBO())
+    losses = [svi.step(Y, SIGMA) for _ in range(3)]
+    assert all(math.isfinite(v) for v in losses)
+    assert (guide.noncentering is not None) == bool(options.get("noncentered"))
+    trace = pyro.poutine.trace(guide).get_trace(Y, SIGMA)
+    assert "y" not in trace.nodes  # the guide's record holds no model site
+    assert trace.nodes["theta"]["value"].shape == (8,) and trace.nodes["tau"]["value"] > 0
+
+
 def test_model_without_hierarchical_sites_warns_and_is_plain():
     def model():
         pyro.sample("a", dist.Normal(torch.zeros(2, dtype=F64), 1.0).to_event(1))
