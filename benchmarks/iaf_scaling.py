@@ -31,10 +31,13 @@ that its peak memory is its own). Reported per fit:
 * final gap: the mean gap over the last ``--window`` steps, in nats and per latent;
 * worst gap: the largest running-mean gap (a divergence shows here even when a fit recovers).
 
-Two comparison rows, for ``D <= --extra-max-dim``: ``AutoIAFFlow (old defaults)`` is the guide as
+Comparison rows, for ``D <= --extra-max-dim``: ``AutoIAFFlow (old defaults)`` is the guide as
 pyro_nf 0.1.0 built it (MADE width ``max(2D, 16)``, plain masked layers: ``fan_in_ref=None``), to
-show what the new defaults fix; ``AutoIAFFlow (fan_in_ref=16)`` is the new default guide with MADE
-units scaled from 16 inputs on instead of 64 (a candidate default, see the results file).
+show what the capped width and scaled steps fix; ``AutoIAFFlow (0.2 defaults)`` is the guide as
+pyro_nf 0.2 built it (2 layers, MADE units scaled from 64 inputs on: ``fan_in_ref=64``) and
+``AutoIAFFlow (K=3, fan_in_ref=64)`` today's depth with 0.2's step reference, to show what the
+autoguides' reference of 16 fixes; ``AutoSplineFlow`` with its defaults and with
+``fan_in_ref=64``, the same comparison for the spline guide.
 """
 
 from __future__ import annotations
@@ -67,7 +70,13 @@ from pyro_nf.guides import AutoFlow  # noqa: E402
 
 GUIDES = ("AutoIAFFlow", "AutoPlanarFlow", "AutoNormal")
 #: comparison rows, run up to ``--extra-max-dim`` only
-EXTRA = ("AutoIAFFlow (old defaults)", "AutoIAFFlow (fan_in_ref=16)")
+EXTRA = (
+    "AutoIAFFlow (old defaults)",
+    "AutoIAFFlow (0.2 defaults)",
+    "AutoIAFFlow (K=3, fan_in_ref=64)",
+    "AutoSplineFlow",
+    "AutoSplineFlow (fan_in_ref=64)",
+)
 
 
 def make_model(dim: int, seed: int = 0):
@@ -93,8 +102,14 @@ def make_guide(name: str, model, dim: int):
         return pyro_nf.AutoPlanarFlow(model)
     if name == "AutoNormal":
         return AutoNormal(model)
-    if name == "AutoIAFFlow (fan_in_ref=16)":
-        return AutoFlow(model, transform="iaf", num_transforms=2, fan_in_ref=16)
+    if name == "AutoIAFFlow (0.2 defaults)":
+        return pyro_nf.AutoIAFFlow(model, num_transforms=2, fan_in_ref=64)
+    if name == "AutoIAFFlow (K=3, fan_in_ref=64)":
+        return pyro_nf.AutoIAFFlow(model, num_transforms=3, fan_in_ref=64)
+    if name == "AutoSplineFlow":
+        return pyro_nf.AutoSplineFlow(model)
+    if name == "AutoSplineFlow (fan_in_ref=64)":
+        return pyro_nf.AutoSplineFlow(model, fan_in_ref=64)
     if name == "AutoIAFFlow (old defaults)":
         return AutoFlow(
             model, transform="iaf", num_transforms=2, hidden_dims=(max(2 * dim, 16),),

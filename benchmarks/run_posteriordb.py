@@ -176,7 +176,7 @@ def guide_config(guide: str, s: Settings) -> str:
         "no training step: the Laplace approximation found at set-up, scored as it is",
         "AutoPlanarFlow": f"num_transforms={s.planar_transforms}, init_scale={s.init_scale}",
         "AutoRadialFlow": f"num_transforms={s.radial_transforms}, init_scale={s.init_scale}",
-        "AutoIAFFlow": f"num_transforms={s.iaf_transforms}, hidden_dims=(max(2D, 16),), init_scale={s.init_scale}",
+        "AutoIAFFlow": f"num_transforms={s.iaf_transforms}, hidden_dims=(max(2D, 16),), fan_in_ref=64, init_scale={s.init_scale}",
     }.get(guide) or _options_config(guide, s)
 
 
@@ -280,10 +280,13 @@ def _make_guide(guide: str, model: Callable, hidden: int, s: Settings, init: Cal
             model, s.radial_transforms, init_loc_fn=init, init_scale=s.init_scale, **extra
         )
     if guide == "AutoIAFFlow":
+        # fan_in_ref=64: the MADE steps of the committed runs (the autoguides' default became
+        # 16 in pyro_nf 0.3; --defaults measures that), so the configuration keeps its meaning
         return pyro_nf.AutoIAFFlow(
             model,
             s.iaf_transforms,
             hidden_dims=(hidden,),
+            fan_in_ref=64,
             init_loc_fn=init,
             init_scale=s.init_scale,
             **extra,

@@ -273,7 +273,9 @@ def make_guide(
             return getattr(pyro_nf, NAMES[family])(model)
         kwargs = {}
         if family in ("iaf", "spline"):
-            kwargs.update(hidden_dims=tuple(hidden), activation=activation)
+            # fan_in_ref=64: the MADE steps of the committed tables (pyro_nf 0.2's autoguide
+            # default; 16 since 0.3, which the rows 'default arguments' use)
+            kwargs.update(hidden_dims=tuple(hidden), activation=activation, fan_in_ref=64)
         if family == "spline":
             kwargs.update(num_bins=spline_bins, bound=spline_bound)
         guide_class = getattr(pyro_nf, NAMES[family])
@@ -476,7 +478,8 @@ def default_arguments():
     return (
         f"init_scale {GuideOptions().init_scale}, MADE hidden_dims (16,) for D = 2, "
         f"activation {value(iaf, 'activation')!r}, AutoIAFFlow K={value(iaf, 'num_transforms')}, "
-        f"AutoSplineFlow K={value(spline, 'num_transforms')} with {value(spline, 'num_bins')} bins"
+        f"AutoSplineFlow K={value(spline, 'num_transforms')} with {value(spline, 'num_bins')} bins, "
+        f"fan_in_ref {value(iaf, 'fan_in_ref')} (no effect at this width)"
     )
 
 
@@ -505,7 +508,7 @@ def markdown(results, runs, targets, guides, quad, a, wall):
         "numbers as its twin without that setting",
         f"- KL Monte Carlo samples per fit {a['samples']}; quadrature grid {a['quad']}^2 points",
         f"- pyro_nf: init_scale {a['init_scale']}, AutoIAFFlow and AutoSplineFlow hidden_dims "
-        f"{tuple(a['hidden'])} with ELU (set explicitly), AutoSplineFlow "
+        f"{tuple(a['hidden'])} with ELU and fan_in_ref 64 (set explicitly), AutoSplineFlow "
         f"{a['spline_bins']} bins on [-{a['spline_bound']:g}, {a['spline_bound']:g}] (rows that "
         "name other hidden sizes, bins or GELU use those); rows 'default arguments': the guide "
         f"with every argument at its default ({default_arguments()}); Pyro guides: their defaults",

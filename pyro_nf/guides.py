@@ -44,7 +44,7 @@ from .flow import (
     encode_record,
     load_state_dict_atomically,
 )
-from .transforms.autoregressive import DEFAULT_ACTIVATION
+from .transforms.autoregressive import AUTOGUIDE_FAN_IN_REF, DEFAULT_ACTIVATION
 from .transforms.base import ChainTransform, FlowTransform
 
 __all__ = [
@@ -446,11 +446,10 @@ class AutoIAFFlow(AutoFlow):
     costs :math:`D` passes per layer. Consecutive layers reverse the variable order.
 
     Args:
-        num_transforms: number of IAF layers; default 2. Three fit the seeds' sd-4 banana
-            five times better and U1-U4 better, but cost a little W1 on 7 of 8 posteriordb
-            posteriors and, at D >= 300 with ``fit``'s lr 0.01, gave early loss spikes of up to
-            44 times the first loss; so two stay the default (:doc:`/benchmarks`). Pass 3 for
-            a strongly curved posterior of a few dimensions, and check the fit.
+        num_transforms: number of IAF layers; default 3 (2 before pyro_nf 0.3): on the seeds'
+            sd-4 banana two layers end five times further from the target, on U1-U4 three are
+            better, and on the posteriordb benchmark within the noise of two
+            (:doc:`/benchmarks`).
         hidden_dims: MADE hidden sizes; default ``(min(max(2 * D, 16), 128),)`` (see
             :class:`~pyro_nf.transforms.MADE` for why it is capped and how its steps scale).
         activation: the MADEs' hidden nonlinearity: a module class or one of the names
@@ -460,6 +459,10 @@ class AutoIAFFlow(AutoFlow):
         log_scale_min, log_scale_max: smooth bounds on each layer's log-scale.
         gate_bias: ``None`` for the plain affine update; a number for the gated update of
             Kingma et al. (2016) (see :class:`~pyro_nf.transforms.AffineAutoregressive`).
+        fan_in_ref: MADE units with more unmasked inputs than this take the steps of a unit
+            with this many (see :class:`~pyro_nf.transforms.MADE`); default
+            ``pyro_nf.transforms.autoregressive.AUTOGUIDE_FAN_IN_REF`` (16; 64 before pyro_nf
+            0.3, the layers' default); ``None`` for plain masked layers.
         **options: the options of every flow autoguide (``init_scale``, ``precondition``, ...),
             see :class:`AutoFlow`.
 
@@ -475,20 +478,21 @@ class AutoIAFFlow(AutoFlow):
     def __init__(
         self,
         model: Callable,
-        num_transforms: int = 2,
+        num_transforms: int = 3,
         *,
         hidden_dims: Sequence[int] | None = None,
         activation: str | Callable[[], nn.Module] = DEFAULT_ACTIVATION,
         log_scale_min: float = -5.0,
         log_scale_max: float = 3.0,
         gate_bias: float | None = None,
+        fan_in_ref: int | None = AUTOGUIDE_FAN_IN_REF,
         **options,
     ) -> None:
         GuideOptions.split(type(self).__name__, options, others=False)
         super().__init__(
             model, transform="iaf", num_transforms=num_transforms, hidden_dims=hidden_dims,
             activation=activation, log_scale_min=log_scale_min, log_scale_max=log_scale_max,
-            gate_bias=gate_bias, **options,
+            gate_bias=gate_bias, fan_in_ref=fan_in_ref, **options,
         )  # fmt: skip
 
 
@@ -505,8 +509,8 @@ class AutoSplineFlow(AutoFlow):
     layer to score another value.
 
     Args:
-        hidden_dims, activation: the MADEs' hidden sizes and nonlinearity, as for
-            :class:`AutoIAFFlow`.
+        hidden_dims, activation, fan_in_ref: the MADEs' hidden sizes, nonlinearity and step
+            reference, as for :class:`AutoIAFFlow`.
         num_bins: spline bins per coordinate.
         bound: half-width of the spline interval, in standardized coordinates.
         **options: the options of every flow autoguide (``init_scale``, ``precondition``, ...),
@@ -530,10 +534,12 @@ class AutoSplineFlow(AutoFlow):
         activation: str | Callable[[], nn.Module] = DEFAULT_ACTIVATION,
         num_bins: int = 8,
         bound: float = 5.0,
+        fan_in_ref: int | None = AUTOGUIDE_FAN_IN_REF,
         **options,
     ) -> None:
         GuideOptions.split(type(self).__name__, options, others=False)
         super().__init__(
             model, transform="spline", num_transforms=num_transforms, hidden_dims=hidden_dims,
-            activation=activation, num_bins=num_bins, bound=bound, **options,
+            activation=activation, num_bins=num_bins, bound=bound, fan_in_ref=fan_in_ref,
+            **options,
         )  # fmt: skip

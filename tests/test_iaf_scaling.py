@@ -53,14 +53,18 @@ def test_autoiafflow_parameters_grow_linearly_with_D():
     assert count < layers * (3 * 128 + 3) * 1000 + 2000
 
 
+@pytest.mark.parametrize("dim", [300, 1000])
 @pytest.mark.parametrize("guide_class", [pyro_nf.AutoIAFFlow, pyro_nf.AutoSplineFlow])
-def test_default_fit_with_default_lr_does_not_diverge_at_D1000(guide_class):
+def test_default_fit_with_default_lr_does_not_diverge_at_large_D(guide_class, dim):
     """40 steps of ``fit`` with every default: the loss falls and never goes far above the start.
 
-    With the old defaults the IAF loss went from 8.4e3 to over 1e6 within 10 steps here. (A
-    single step's loss is one Monte Carlo draw and may stray above the start; hence 3x.)
+    With pyro_nf 0.1's defaults the IAF loss went from 8.4e3 to over 1e6 within 10 steps at
+    D = 1000. Three IAF layers with the layers' step reference of 64 reached 6.9 times the first
+    loss at D = 300 and 4.2 times at D = 1000 (and ended far from the optimum); the autoguides'
+    reference of 16 stays below 1.1 times. (A single step's loss is one Monte Carlo draw and may
+    stray above the start; hence 3x.)
     """
-    model = _normals(1000)
+    model = _normals(dim)
     losses = pyro_nf.fit(model, guide_class(model), num_steps=40, progress=False, seed=0).losses
     assert max(losses) < 3 * losses[0]
     assert sorted(losses[-10:])[5] < losses[0]
@@ -177,3 +181,22 @@ def test_iaf_scaling_benchmark_quick_writes_its_table(tmp_path):
         (d, g) for d in ("1", "10") for g in ("AutoIAFFlow", "AutoNormal")
     }
     assert "torch " in report and "commit " in report and "machine: " in report
+
+
+def test_autoregressive_autoguides_scale_steps_from_16_inputs_and_the_layers_from_64():
+    """The autoguides' MADEs take the steps of a 16-input unit (``AUTOGUIDE_FAN_IN_REF``); a
+    :class:`~pyro_nf.Flow`'s layers (a VAE's amortized flow) keep 64; ``fan_in_ref`` overrides."""
+    from pyro_nf.transforms.autoregressive import AUTOGUIDE_FAN_IN_REF, FAN_IN_REF
+
+    assert (AUTOGUIDE_FAN_IN_REF, FAN_IN_REF) == (16, 64)
+    model = _normals(50)  # MADE width 100: output units see up to 100 hidden units
+    for guide_class in (pyro_nf.AutoIAFFlow, pyro_nf.AutoSplineFlow):
+        made = guide_class(model).setup().flow.layers[0].made
+        n = made.out.mask.sum(1)
+        torch.testing.assert_close(made.out.scale, (16 / n.clamp(min=1)).clamp(max=1))
+        assert made.fan_in_ref == 16
+        assert guide_class(model, fan_in_ref=None).setup().flow.layers[0].made.out.scale is None
+    assert len(pyro_nf.AutoIAFFlow(model).setup().flow.layers) == 3
+    assert len(pyro_nf.AutoSplineFlow(model).setup().flow.layers) == 2
+    layer = pyro_nf.Flow(50, "iaf", 1).layers[0]
+    assert layer.made.fan_in_ref == 64

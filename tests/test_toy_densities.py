@@ -184,3 +184,31 @@ def test_aggregate_over_seeds():
     assert r["median_kl"] == 0.2 and (r["image"] == 2).all()  # the median seed's picture
     failed = out[("U1", "iaf", 2, "")]
     assert math.isnan(failed["kl"])  # a failed seed is never left out of the mean quietly
+
+
+@pytest.mark.parametrize("sd", [4.0, 2.0])
+def test_ablation_best_diagonal_start_minimises_the_kl_over_diagonal_gaussians(sd):
+    """toy_densities_ablation.py's 'best diagonal start': KL(q||p) of N(m, diag s^2) to the banana,
+    in closed form, is larger at every nearby (m, s)."""
+    import toy_densities_ablation as ablation
+
+    def kl(m1, m2, s1, s2):  # E_q[energy] - entropy, up to the same constants
+        e_x2sq = m2**2 + s2**2
+        var_x2sq = 4 * m2**2 * s2**2 + 2 * s2**4
+        e_energy = (s1**2 + (m1 - e_x2sq / 4) ** 2 + var_x2sq / 16) / 2 + e_x2sq / (2 * sd**2)
+        return e_energy - math.log(s1) - math.log(s2)
+
+    loc, scale = ablation.best_diagonal_start("banana", sd)
+    best = kl(*loc.tolist(), *scale.tolist())
+    # the closed form agrees with a Monte Carlo estimate (the energy holds log(2 pi sd))
+    energy = toy.target("banana", sd)[0]
+    x = loc + scale * torch.randn(200000, 2, generator=torch.Generator().manual_seed(0))
+    mc = energy(x).mean().item() - scale.log().sum().item() - math.log(2 * math.pi * sd)
+    assert abs(mc - best) < 0.02
+    for i in range(4):
+        for step in (-0.05, 0.05):
+            p = [*loc.tolist(), *scale.tolist()]
+            p[i] += step
+            assert kl(*p) > best
+    with pytest.raises(ValueError, match="banana only"):
+        ablation.best_diagonal_start("U1", sd)
