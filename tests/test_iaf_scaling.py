@@ -60,8 +60,8 @@ def test_default_fit_with_default_lr_does_not_diverge_at_large_D(guide_class, di
 
     With pyro_nf 0.1's defaults the IAF loss went from 8.4e3 to over 1e6 within 10 steps at
     D = 1000. Three IAF layers with the layers' step reference of 64 reached 6.9 times the first
-    loss at D = 300 and 4.2 times at D = 1000 (and ended far from the optimum); the autoguides'
-    reference of 16 stays below 1.1 times. (A single step's loss is one Monte Carlo draw and may
+    loss at D = 300 and 4.2 times at D = 1000; the autoguides' reference of 16 stays below 1.1
+    times. (A single step's loss is one Monte Carlo draw and may
     stray above the start; hence 3x.)
     """
     model = _normals(dim)

@@ -40,9 +40,9 @@ __all__ = [
 #: (see :class:`MADE`); a MADE whose layers have at most 64 units is unaffected
 FAN_IN_REF = 64
 #: the same reference for the autoregressive autoguides (``AutoIAFFlow``, ``AutoSplineFlow``):
-#: at D = 300 and 1000 under ``fit``'s lr 0.01 their fits end closer to the optimum with 16 than
-#: with 64, and three IAF layers no longer spike or diverge (docs/benchmarks.rst); the layers'
-#: own default (amortized flows in a VAE, not measured with 16) stays :data:`FAN_IN_REF`
+#: from D = 100 on, under ``fit``'s lr 0.01, their fits end closer to the optimum with 16 than
+#: with 64, and three IAF layers no longer spike early at D = 300 (docs/benchmarks.rst); the
+#: layers' own default (amortized flows in a VAE, not measured with 16) stays :data:`FAN_IN_REF`
 AUTOGUIDE_FAN_IN_REF = 16
 #: the widest default MADE hidden layer: the default is ``min(max(2 * D, 16), MAX_DEFAULT_WIDTH)``
 MAX_DEFAULT_WIDTH = 128
