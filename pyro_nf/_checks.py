@@ -11,8 +11,9 @@ import numbers
 
 
 def integer(value, name: str, *, minimum: int = 1, allow_none: bool = False, hint: str = ""):
-    """``value`` if it is an integer (not a bool) ``>= minimum`` (or None when allowed), else a
-    ValueError naming ``name``."""
+    """``value`` as a Python ``int`` if it is an integer (not a bool; numpy integers too)
+    ``>= minimum`` (or None when allowed), else a ValueError naming ``name``. (A numpy integer
+    kept as it was broke the JSON records of the layers' options.)"""
     if value is None and allow_none:
         return value
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
@@ -25,7 +26,7 @@ def integer(value, name: str, *, minimum: int = 1, allow_none: bool = False, hin
         if allow_none:
             kind = f"None or {kind}"
         raise ValueError(f"{name} must be {kind}{hint}, got {value!r}")
-    return value
+    return int(value)
 
 
 def number(value, name: str, *, lower: float = 0.0, strict: bool = True, hint: str = ""):

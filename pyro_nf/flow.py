@@ -348,7 +348,7 @@ class Flow(nn.Module):
         self.name = _check_name(name)
         if transform not in _LAYERS:
             raise ValueError(f"transform must be one of {TRANSFORMS}, got {transform!r}")
-        integer(num_transforms, "num_transforms", minimum=0)
+        num_transforms = integer(num_transforms, "num_transforms", minimum=0)
         family, make_layer = _layer_family(transform)
         if hidden_dims is not None and not family.autoregressive:
             autoregressive = [k for k in _LAYERS if _layer_family(k)[0].autoregressive]

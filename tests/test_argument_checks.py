@@ -36,6 +36,43 @@ def test_hidden_dims_must_be_positive_integers(hidden_dims):
     assert flow.layers[0].made.hidden[0].out_features == 4
 
 
+@pytest.mark.parametrize("fan_in_ref", [0, -1, 2.5, "16", True], ids=repr)
+def test_fan_in_ref_must_be_none_or_a_positive_integer(fan_in_ref):
+    """The autoguides' new ``fan_in_ref`` is checked when the guide is built, not at set-up."""
+    for build in (
+        lambda: AutoIAFFlow(model, fan_in_ref=fan_in_ref),
+        lambda: AutoSplineFlow(model, fan_in_ref=fan_in_ref),
+        lambda: Flow(3, "iaf", 1, fan_in_ref=fan_in_ref),
+    ):
+        with pytest.raises(ValueError, match="fan_in_ref must be None or a positive integer"):
+            build()
+    made = AutoIAFFlow(model, fan_in_ref=np.int64(8)).setup().flow.layers[0].made
+    assert made.fan_in_ref == 8 and type(made.fan_in_ref) is int  # numpy integers are integers
+
+
+@pytest.mark.parametrize(
+    "cls, options",
+    [
+        (AutoIAFFlow, {"fan_in_ref": np.int64(8)}),
+        (AutoIAFFlow, {"num_transforms": np.int64(2), "hidden_dims": (np.int64(8),)}),
+        (AutoIAFFlow, {"gate_bias": np.float32(1.0), "log_scale_min": np.float32(-4.0)}),
+        (AutoSplineFlow, {"num_bins": np.int64(4), "bound": np.float32(4.0)}),
+        (AutoPlanarFlow, {"inverse_tol": np.float32(1e-6)}),
+        (AutoRadialFlow, {"init_scale": np.float32(0.2)}),
+    ],
+    ids=lambda v: "-".join(v) if isinstance(v, dict) else v.__name__,
+)
+def test_numpy_scalars_are_numbers_and_the_guide_saves_and_restores(cls, options):
+    """numpy scalars from a config or a sweep are taken as the numbers they are: a numpy integer
+    used to break the JSON record of the layers' options at set-up (``num_bins``,
+    ``fan_in_ref``), and numpy floats were refused (``gate_bias``, ``inverse_tol``)."""
+    guide = cls(model, **options).setup()
+    fresh = cls(model, **options).setup()
+    fresh.load_state_dict(guide.state_dict())
+    x = guide.get_posterior().sample((3,))
+    torch.testing.assert_close(fresh.get_posterior().log_prob(x), guide.get_posterior().log_prob(x))
+
+
 @pytest.mark.parametrize("cls", [AutoPlanarFlow, AutoRadialFlow, AutoIAFFlow, AutoSplineFlow])
 @pytest.mark.parametrize("init_scale", [True, False, float("nan"), 0.0, -1.0, "0.1"], ids=repr)
 def test_init_scale_must_be_a_positive_number(cls, init_scale):

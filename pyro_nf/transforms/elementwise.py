@@ -7,6 +7,7 @@ autoregressive family is one subclass here and one entry in :class:`pyro_nf.Flow
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -131,7 +132,7 @@ class GatedAffineMap(AffineMap):
     ) -> None:
         super().__init__(log_scale_min, log_scale_max)
         if (
-            isinstance(gate_bias, bool) or not isinstance(gate_bias, (int, float))
+            isinstance(gate_bias, bool) or not isinstance(gate_bias, numbers.Real)
             or not math.isfinite(gate_bias)
         ):  # fmt: skip
             raise ValueError(f"gate_bias must be None or a finite number, got {gate_bias!r}")

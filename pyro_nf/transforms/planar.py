@@ -30,6 +30,7 @@ at convergence.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +49,7 @@ def _check_inverse_tol(inverse_tol: float | None) -> float | None:
         return None
     if (
         isinstance(inverse_tol, bool)
-        or not isinstance(inverse_tol, (int, float))
+        or not isinstance(inverse_tol, numbers.Real)
         or not (math.isfinite(inverse_tol) and inverse_tol > 0)
     ):
         raise ValueError(

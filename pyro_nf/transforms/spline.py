@@ -204,8 +204,8 @@ class RationalQuadraticMap(ElementwiseMap):
         min_bin_height: float = 1e-3,
         min_derivative: float = 1e-3,
     ) -> None:
-        if num_bins is not None:
-            integer(num_bins, "num_bins", minimum=2)
+        if num_bins is not None:  # a Python int (a numpy integer would break the options' record)
+            num_bins = integer(num_bins, "num_bins", minimum=2)
         _check_spline_args(num_bins, bound, min_bin_width, min_bin_height, min_derivative)
         self.num_bins = num_bins
         self.num_params = None if num_bins is None else 3 * num_bins - 1
