@@ -14,11 +14,11 @@ Run (from the repository root)::
 
 Rows are names from ``ROWS`` below. In a row's name, ``swapped`` fits the target with its two
 coordinates swapped (the same as reversing every layer's variable order: the first layer then
-conditions the banana's x1 on x2, the second x2 on x1), ``12000 steps`` runs four times the budget (the same cosine schedule
-over it), ``best diagonal start`` starts the flow's affine base at the diagonal Gaussian closest
-to the banana in KL(q||p) instead of ``init_scale``; ``--results`` appends a markdown table to the
-file (with a header when it is new); ``--target`` runs the rows on another of
-``toy_densities.py``'s targets.
+conditions the banana's x1 on x2, the second x2 on x1), ``12000 steps`` runs four times the
+budget (the same cosine schedule over it), ``best diagonal start`` starts the flow's affine base
+at the diagonal Gaussian closest to the banana in KL(q||p) instead of ``init_scale``;
+``--results`` appends a markdown table to the file (with a header when it is new); ``--target``
+runs the rows on another of ``toy_densities.py``'s targets.
 """
 
 import argparse
